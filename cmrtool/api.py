@@ -1,0 +1,209 @@
+"""The public API on file paths: one function per command, each a complete job.
+
+These are what ``cmrtool inspect|score|compile`` call, and what a Python user calls to do the
+same from a script::
+
+    import cmrtool.api as cmr
+
+    report = cmr.score("samples/digits_mlp.pt", "samples/calib.safetensors", criterion="cmr-logit")
+    result = cmr.compile("samples/digits_mlp.pt", "reduced.pt", calib="samples/calib.safetensors", keep=0.5)
+    print(result.fold_error.max_abs, result.params_after / result.params_before)
+
+Lower-level pieces (backends, statistics, criteria, folding) are in their own modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ContextManager
+
+from cmrtool.errors import UsageError
+
+__all__ = ["configure", "open_model", "inspect", "score", "compile", "ProgressFactory", "default_threads"]
+
+ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+def default_threads() -> int:
+    """A thread count that suits small models: the usable CPUs, at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def configure(threads: int | None = None) -> None:
+    """Set torch's intra-op threads (default :func:`default_threads`) and one inter-op thread."""
+    import torch
+
+    n = default_threads() if threads is None or threads <= 0 else threads
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
+        torch.set_num_interop_threads(1)
+
+
+def open_model(path: str | Path, arch: str | None = None) -> Any:
+    """Load a checkpoint with the right backend (see :mod:`cmrtool.backends`)."""
+    from cmrtool.backends import load_model
+
+    return load_model(path, arch)
+
+
+def _parse_shape(text: str) -> list[int]:
+    try:
+        dims = [int(x) for x in text.replace("x", ",").split(",") if x.strip()]
+    except ValueError:
+        dims = []
+    if not dims or any(d < 1 for d in dims):
+        raise UsageError(f"invalid --input-shape '{text}'", "give positive integers separated by commas, e.g. 1,1,8,8")
+    return dims
+
+
+def _single_stdin(*paths: str | Path | None) -> None:
+    if sum(1 for p in paths if p is not None and str(p) == "-") > 1:
+        raise UsageError("only one input can be read from stdin ('-')", "write the others to files")
+
+
+def inspect(
+    path: str | Path,
+    calib: str | Path | None = None,
+    input_shape: str | Sequence[int] | None = None,
+) -> Any:
+    """Sites, fold kinds, parameters and MACs of a model (:class:`cmrtool.inspection.InspectReport`)."""
+    from cmrtool.data import open_data
+    from cmrtool.inspection import example_inputs, inspect_model
+
+    _single_stdin(path, calib)
+    model = open_model(path)
+    inputs = None
+    if calib is not None:
+        inputs = list(open_data(calib, model).read(0, 1).inputs)
+    elif input_shape is not None:
+        shape = _parse_shape(input_shape) if isinstance(input_shape, str) else list(input_shape)
+        inputs = example_inputs(model, [shape])
+    return inspect_model(model, inputs)
+
+
+def score(
+    path: str | Path,
+    calib: str | Path,
+    criterion: str = "cmr-logit",
+    sites: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    limit: int | None = None,
+    progress: ProgressFactory | None = None,
+) -> Any:
+    """Score every unit of the selected sites (:class:`cmrtool.scoring.ScoreReport`)."""
+    from cmrtool.criteria import get_criterion
+    from cmrtool.data import open_data
+    from cmrtool.scoring import score_model, select_sites
+
+    _single_stdin(path, calib)
+    get_criterion(criterion)
+    model = open_model(path)
+    model.require_sites()
+    chosen = select_sites(model.sites, sites, kinds)
+    data = open_data(calib, model)
+    n = data.n if limit is None else min(data.n, limit)
+    with (progress or _no_progress)(f"scoring ({criterion})", n) as advance:
+        return score_model(model, data, criterion, chosen, seed, batch_size, advance, limit)
+
+
+def compile(
+    path: str | Path,
+    output: str | Path,
+    calib: str | Path | None = None,
+    scores: str | Path | Any | None = None,
+    criterion: str = "cmr-logit",
+    sites: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    keep: float | None = None,
+    keep_count: int | None = None,
+    round_to: int | None = None,
+    replacement: str = "auto",
+    seed: int = 0,
+    batch_size: int = 256,
+    force: bool = False,
+    check_samples: int = 256,
+    progress: ProgressFactory | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Any:
+    """Reduce a model and write the smaller checkpoint (:class:`cmrtool.compile.CompileReport`).
+
+    Scores come from ``scores`` (a :class:`~cmrtool.scoring.ScoreReport`, or the path of a
+    ``score --json`` document, ``-`` for stdin) or are computed on ``calib``. With ``calib`` the
+    written model's fold error is measured on its first ``check_samples`` samples.
+    """
+    from cmrtool.compile import compile_model, make_plan
+    from cmrtool.criteria import REPLACEMENT_MODES, get_criterion
+    from cmrtool.data import open_data
+    from cmrtool.errors import InputError
+    from cmrtool.io import check_output_path, read_bytes
+    from cmrtool.scoring import ScoreReport, score_model, select_sites
+    from cmrtool.selection import validate_keep
+
+    # Validate everything cheap before loading anything.
+    validate_keep(keep, keep_count, round_to)
+    if keep is None and keep_count is None:
+        raise UsageError("compile needs --keep or --keep-count", "e.g. --keep 0.5 keeps half the units of each site")
+    if replacement not in REPLACEMENT_MODES:
+        raise UsageError(f"unknown replacement '{replacement}'", f"choose one of: {', '.join(REPLACEMENT_MODES)}")
+    score_path = scores if isinstance(scores, (str, Path)) else None
+    if scores is None and calib is None:
+        raise UsageError("compile needs --calib (to score) or --scores (from cmrtool score --json)", "e.g. cmrtool compile model.pt --calib calib.safetensors --keep 0.5 -o reduced.pt")
+    if scores is None:
+        get_criterion(criterion)
+    _single_stdin(path, calib, score_path)
+    if str(output) == "-":
+        raise UsageError("compile cannot write the model to stdout", "give a file name with -o, e.g. -o reduced.pt")
+    out = check_output_path(output, [p for p in (path, calib, score_path) if p is not None], force)
+
+    model = open_model(path)
+    model.require_sites()
+    explicit = bool(sites)
+    chosen = select_sites(model.sites, sites, kinds)
+    unfoldable = [s for s in chosen if not s.foldable]
+    if unfoldable and explicit:
+        s = unfoldable[0]
+        raise InputError(f"site {s.name} cannot be folded: {s.reason}", "choose other sites with --site (see cmrtool inspect)")
+    for s in unfoldable:
+        if warn:
+            warn(f"skipping site {s.name}: {s.reason}")
+    chosen = [s for s in chosen if s.foldable]
+    if not chosen:
+        raise InputError("none of the selected sites can be folded", "see cmrtool inspect for fold kinds and reasons")
+
+    data = open_data(calib, model) if calib is not None else None
+    if isinstance(scores, (str, Path)):
+        report = ScoreReport.loads(read_bytes(scores))
+        if report.source_sha256 and report.source_sha256 != model.sha256:
+            raise InputError(
+                f"the scores were computed for another model (sha256 {report.source_sha256[:12]}…, this is {model.sha256[:12]}…)",
+                "score this model: cmrtool score MODEL --calib DATA --json > scores.json",
+            )
+    elif scores is not None:
+        report = scores
+    else:
+        assert data is not None
+        with (progress or _no_progress)(f"scoring ({criterion})", data.n) as advance:
+            report = score_model(model, data, criterion, chosen, seed, batch_size, advance)
+    plan = dataclasses.replace(make_plan(report, chosen, keep, keep_count, round_to, replacement), source_sha256=model.sha256)
+    check = None
+    if data is not None:
+        shapes = [list(s) for s in data.input_shapes().values()]
+        plan = dataclasses.replace(plan, settings=plan.settings + (("input_shapes", shapes),))
+        if check_samples > 0:
+            check = list(data.read(0, min(data.n, check_samples)).inputs)
+    return compile_model(model, plan, out, check)

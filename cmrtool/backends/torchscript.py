@@ -1,0 +1,583 @@
+"""The TorchScript backend: ``.pt``/``.ts`` files saved by ``torch.jit.save``, no Python class needed.
+
+Four verbs (DESIGN §2):
+
+- **discover sites** by walking the prepared graph (:mod:`cmrtool.backends.tsgraph`) for
+  producer → [batch_norm] → activation(s) → [pooling] → [flatten] → consumer chains, where the
+  producer and consumer are ``aten::linear`` or a convolution (``aten::conv2d`` when scripted,
+  ``aten::_convolution`` when traced) whose weights are ``prim::GetAttr`` paths from ``self``;
+- **capture** site values by adding graph outputs;
+- **run with site values overridden** by inserting ``where(mask, fill, v)`` after them;
+- **write** a reduced checkpoint: load a fresh copy, assign smaller tensors to the submodules
+  (``nn.Parameter`` for parameters), embed the plan as the extra file ``cmrtool/plan.json``, and
+  ``torch.jit.save`` it atomically.
+
+A consumer without a bias gets one when the graph reads its bias as an attribute (scripted
+modules); a traced graph holds a constant ``None`` there and cannot gain one, so the term is
+folded into the ``running_mean`` of a BatchNorm right after the consumer instead, and if there
+is none the site is reported with ``fold: none``.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmrtool.backends.tsgraph import GraphProgram, const_value, is_none, iter_nodes, real_uses
+from cmrtool.errors import InputError, UnsupportedModelError
+from cmrtool.io import STDIO, read_bytes, require_file, sha256_bytes, sha256_file, write_with
+from cmrtool.plan import Plan
+from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
+
+__all__ = ["TorchScriptModel", "PLAN_FILE"]
+
+PLAN_FILE = "cmrtool/plan.json"
+
+_CONV_OPS = frozenset({"aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::_convolution"})
+_LINEAR_OPS = frozenset({"aten::linear"})
+_ACTIVATIONS = frozenset(
+    f"aten::{name}{suffix}"
+    for name in (
+        "relu", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "elu", "selu", "celu", "hardtanh",
+        "relu6", "hardswish", "hardsigmoid", "softplus", "mish", "clamp", "clamp_min", "prelu",
+    )
+    for suffix in ("", "_")
+)
+_IDENTITY = frozenset(
+    {
+        "aten::dropout", "aten::dropout_", "aten::feature_dropout", "aten::alpha_dropout",
+        "aten::feature_alpha_dropout", "aten::contiguous", "aten::clone", "aten::detach",
+    }
+)
+# Spatial reductions: they keep the unit axis, and the site value is taken after them.
+_POOLS = frozenset(
+    f"aten::{p}{d}"
+    for p in ("avg_pool", "max_pool", "adaptive_avg_pool", "adaptive_max_pool")
+    for d in ("1d", "2d", "3d")
+) | {"aten::mean"}
+_FLATTEN = frozenset({"aten::flatten", "aten::view", "aten::reshape"})
+_PADS = frozenset(
+    {"aten::pad", "aten::constant_pad_nd"}
+    | {f"aten::{k}_pad{d}" for k in ("reflection", "replication") for d in ("1d", "2d", "3d")}
+)
+# Layers with weights that cmrtool does not reduce; named when nothing reducible is found.
+_KNOWN_PARAM_OPS = _CONV_OPS | _LINEAR_OPS | {
+    "aten::batch_norm", "aten::layer_norm", "aten::group_norm", "aten::instance_norm", "aten::add",
+    "aten::mul", "aten::embedding", "aten::prelu",
+}
+
+
+def _short(kind: str) -> str:
+    return kind.split("::", 1)[-1]
+
+
+class TorchScriptModel:
+    """A TorchScript checkpoint with its sites.
+
+    Args:
+        path: file saved by ``torch.jit.save`` (``-`` reads it from stdin).
+
+    Attributes:
+        sites: reducible sites, in graph order.
+        rejected: candidates that are not sites, with reasons.
+        unsupported: weighted layers cmrtool does not reduce (op kind and module name).
+        plan: the plan embedded by ``cmrtool compile``, if this is a reduced model.
+
+    Example:
+        >>> m = TorchScriptModel("samples/digits_mlp.pt")
+        >>> [s.name for s in m.sites]
+        ['body.0', 'body.2']
+    """
+
+    format = "torchscript"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path == STDIO:
+            self._bytes: bytes | None = read_bytes(self.path)
+            self.sha256 = sha256_bytes(self._bytes)
+        else:
+            require_file(self.path, "model file")
+            self._bytes = None
+            self.sha256 = sha256_file(self.path)
+        self.module, plan_text = self._load()
+        self.plan = Plan.loads(plan_text) if plan_text else None
+        self.program = GraphProgram(self.module)
+        self._params = dict(self.module.named_parameters())
+        self._buffers = dict(self.module.named_buffers())
+        self._tensors = {k: v.detach() for k, v in {**self._params, **self._buffers}.items() if v is not None}
+        self.dtype = next((p.dtype for p in self._params.values() if p.is_floating_point()), torch.float32)
+        schema = self.module.forward.schema
+        args = [a for a in schema.arguments if a.name != "self"]
+        self.arg_names = [a.name for a in args]
+        self.required_args = sum(1 for a in args if not a.has_default_value())
+        self._check_eval_graph()
+        self.sites: list[Site] = []
+        self.rejected: list[Rejection] = []
+        self.unsupported: list[str] = []
+        self._discover()
+
+    # -- loading --------------------------------------------------------------------------------
+    def _load(self) -> tuple[Any, str]:
+        extra = {PLAN_FILE: ""}
+        src: Any = io.BytesIO(self._bytes) if self._bytes is not None else self.path
+        try:
+            module = torch.jit.load(src, map_location="cpu", _extra_files=extra)
+        except Exception as e:
+            raise InputError(
+                f"{self.path} is not a readable TorchScript archive ({_load_problem(self.path, self._bytes, e)})",
+                "cmrtool reads files saved by torch.jit.save; for torch.save/safetensors weights use --arch",
+            ) from e
+        module.eval()
+        text = extra[PLAN_FILE]
+        return module, text.decode() if isinstance(text, bytes) else text
+
+    def fresh_module(self) -> Any:
+        """A new, independent copy of the checkpoint's module (eval mode)."""
+        src: Any = io.BytesIO(self._bytes) if self._bytes is not None else self.path
+        m = torch.jit.load(src, map_location="cpu")
+        return m.eval()
+
+    def _check_eval_graph(self) -> None:
+        for node in iter_nodes(self.program.graph):
+            kind = node.kind()
+            flag = None
+            if kind == "aten::batch_norm":
+                flag = node.inputsAt(5)
+            elif kind in ("aten::dropout", "aten::feature_dropout"):
+                flag = node.inputsAt(2)
+            if flag is not None and flag.node().kind() == "prim::Constant" and flag.toIValue() is True:
+                raise InputError(
+                    f"{self.path} was traced in training mode ({_short(kind)} runs in training mode)",
+                    "trace the model after calling model.eval()",
+                )
+
+    # -- tensors --------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All parameters and buffers by fully qualified name (detached views, not copies)."""
+        return dict(self._tensors)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self._params.values())
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    # -- discovery ------------------------------------------------------------------------------
+    def _module_attr(self, path: tuple[str, ...]) -> Any:
+        obj = self.module
+        for p in path:
+            obj = getattr(obj, p, None)
+            if obj is None:
+                return None
+        return obj
+
+    def _param_name(self, value: torch._C.Value) -> str | None:
+        path = self.program.path_of(value)
+        return ".".join(path) if path else None
+
+    def _discover(self) -> None:
+        graph = self.program.graph
+        outputs = set()
+        for v in graph.outputs():
+            outputs.add(v.unique())
+            if v.node().kind() == "prim::TupleConstruct":
+                outputs.add(v.node().inputsAt(0).unique())
+        seen_sites: set[str] = set()
+        for node in iter_nodes(graph):
+            kind = node.kind()
+            if kind in _CONV_OPS or kind in _LINEAR_OPS:
+                result = self._walk(node, outputs)
+                if isinstance(result, Site):
+                    if result.name not in seen_sites:
+                        seen_sites.add(result.name)
+                        self.sites.append(result)
+                elif isinstance(result, Rejection):
+                    self.rejected.append(result)
+            elif kind.startswith("aten::") and kind not in _KNOWN_PARAM_OPS:
+                # A weighted layer we do not know (LSTM, embedding bag, ...): remember its name.
+                for inp in node.inputs():
+                    name = self._param_name(inp)
+                    if name is not None and isinstance(self._module_attr(tuple(name.split("."))), torch.Tensor):
+                        module = name.rsplit(".", 1)[0] if "." in name else name
+                        label = f"{_short(kind)} ({module})"
+                        if label not in self.unsupported:
+                            self.unsupported.append(label)
+                        break
+
+    def _producer(self, node: torch._C.Node) -> tuple[str, str, list[TensorSlice]] | str | None:
+        """(module, unit kind, slices) for a producer op, a rejection reason, or None."""
+        weight = self._param_name(node.inputsAt(1))
+        if weight is None or not weight.endswith("weight"):
+            return None
+        module = weight[: -len(".weight")] if weight != "weight" else ""
+        kind = "neuron" if node.kind() in _LINEAR_OPS else "channel"
+        if kind == "channel":
+            transposed, groups = _conv_flags(node)
+            if transposed:
+                return f"{module}: transposed convolutions are not supported as producers"
+            if groups != 1:
+                return f"{module}: grouped convolution (groups={groups}) cannot lose single channels"
+        slices = [TensorSlice(weight, 0)]
+        bias = node.inputsAt(2)
+        if not is_none(bias):
+            bname = self._param_name(bias)
+            if bname is None:
+                return f"{module}: its bias is computed in the graph, not a parameter"
+            exists = self._module_attr(tuple(bname.split("."))) is not None
+            slices.append(TensorSlice(bname, 0, optional=not exists))
+        return module, kind, slices
+
+    def _walk(self, node: torch._C.Node, graph_outputs: set[int]) -> Site | Rejection | None:
+        prod = self._producer(node)
+        if prod is None:
+            return None
+        if isinstance(prod, str):
+            return Rejection(prod.split(":", 1)[0], prod.split(": ", 1)[1])
+        module, unit_kind, slices = prod
+        width = int(self._tensors[slices[0].name].shape[0])
+        v = node.output()
+        uses = real_uses(v)
+        # Optional BatchNorm right after the producer: its per-unit entries are producers too.
+        if len(uses) == 1 and uses[0].user.kind() == "aten::batch_norm" and uses[0].offset == 0:
+            bn = uses[0].user
+            for idx in (1, 2, 3, 4):  # weight, bias, running_mean, running_var
+                val = bn.inputsAt(idx)
+                if is_none(val):
+                    continue
+                name = self._param_name(val)
+                if name is None:
+                    return Rejection(module, "its BatchNorm reads statistics that are not module tensors")
+                slices.append(TensorSlice(name, 0))
+            v = bn.output()
+            uses = real_uses(v)
+        acts: list[str] = []
+        while len(uses) == 1 and uses[0].offset == 0 and (
+            uses[0].user.kind() in _ACTIVATIONS or uses[0].user.kind() in _IDENTITY
+        ):
+            user = uses[0].user
+            if user.kind() in _ACTIVATIONS:
+                acts.append(_short(user.kind()).rstrip("_"))
+            v = user.output()
+            uses = real_uses(v)
+        if not acts:
+            return None  # not a hidden layer (e.g. an attention projection): not a candidate
+        if len(uses) == 1 and uses[0].user.kind() in _POOLS and uses[0].offset == 0:
+            pooled = self._through_pools(v)
+            if isinstance(pooled, str):
+                return Rejection(module, pooled)
+            v = pooled
+            uses = real_uses(v)
+        site_value = v
+        if not uses:
+            return Rejection(module, "its activation is not read by any layer")
+        consumers: list[Consumer] = []
+        for use in uses:
+            c = self._consumer(use, width, unit_kind, graph_outputs)
+            if isinstance(c, str):
+                return Rejection(module, c)
+            consumers.append(c[0])
+        fold = "exact"
+        reasons: list[str] = []
+        if any(c.fold_mode == "none" for c in consumers):
+            fold = "none"
+            reasons = [f"consumer {c.module} has no bias, cannot gain one (traced graph), and no BatchNorm follows it" for c in consumers if c.fold_mode == "none"]
+        elif any(c.zero_padding for c in consumers):
+            fold = "interior-exact"
+            reasons = [f"consumer {c.module} pads with zeros: exact in the interior only" for c in consumers if c.zero_padding]
+        feeds_logits = all(self._feeds_output(c.module, graph_outputs) for c in consumers)
+        return Site(
+            name=module,
+            kind=unit_kind,
+            width=width,
+            producers=tuple(slices),
+            consumers=tuple(consumers),
+            fold=fold,
+            reason="; ".join(reasons),
+            activation="+".join(acts),
+            value=self.program.handle(site_value),
+            feeds_logits=feeds_logits,
+        )
+
+    def _through_pools(self, v: torch._C.Value) -> torch._C.Value | str:
+        uses = real_uses(v)
+        while len(uses) == 1 and uses[0].offset == 0 and (uses[0].user.kind() in _POOLS or uses[0].user.kind() in _IDENTITY):
+            user = uses[0].user
+            if user.kind() == "aten::mean":
+                try:
+                    dims = const_value(user.inputsAt(1))
+                except ValueError:
+                    return "its activation is averaged over dimensions that are not constant"
+                dims = [dims] if isinstance(dims, int) else list(dims or [])
+                if not dims or 0 in dims:
+                    return "its activation is averaged over the batch or all dimensions"
+            outs = list(user.outputs())
+            if len(outs) > 1 and any(real_uses(o) for o in outs[1:]):
+                return f"the pooling indices of {_short(user.kind())} are used"
+            v = outs[0]
+            uses = real_uses(v)
+        return v
+
+    def _consumer(
+        self, use: Any, width: int, unit_kind: str, graph_outputs: set[int]
+    ) -> tuple[Consumer] | str:
+        node = use.user
+        flattened = False
+        zero_pad = False
+        # Layout-only and constant-preserving ops between the site value and its consumer.
+        while node.kind() in _FLATTEN or node.kind() in _PADS or node.kind() in _IDENTITY:
+            if use.offset != 0:
+                return f"its activation is an argument of {_short(node.kind())}, not its input"
+            if node.kind() in _FLATTEN:
+                ok = _is_batch_flatten(node)
+                if not ok:
+                    return f"its activation is reshaped by {_short(node.kind())} in a way cmrtool cannot follow"
+                flattened = True
+            elif node.kind() in _PADS:
+                mode = _pad_mode(node)
+                if mode is None:
+                    return "its activation is padded in a mode cmrtool cannot read"
+                if mode == "constant":
+                    zero_pad = True
+            nxt = real_uses(node.output())
+            if len(nxt) != 1:
+                return f"the output of {_short(node.kind())} is used {len(nxt)} times"
+            use = nxt[0]
+            node = use.user
+        kind = node.kind()
+        if kind not in _LINEAR_OPS and kind not in _CONV_OPS:
+            where = "the model output" if kind in ("prim::Return", "prim::TupleConstruct") else _short(kind)
+            return f"its activation feeds {where}, which cannot absorb a replacement (only Linear and Conv consumers can)"
+        if use.offset != 0:
+            return f"its activation is used as the weight of {_short(kind)}"
+        weight = self._param_name(node.inputsAt(1))
+        if weight is None:
+            return f"its consumer {_short(kind)} does not read a module weight"
+        module = weight.rsplit(".", 1)[0] if "." in weight else ""
+        w = self._tensors[weight]
+        op = "linear" if kind in _LINEAR_OPS else "conv"
+        block, layout = 1, "block"
+        if op == "conv":
+            if unit_kind != "channel" or flattened:
+                return f"consumer {module} convolves over an axis that is not the site's units"
+            transposed, groups = _conv_flags(node)
+            if transposed or groups != 1:
+                return f"consumer {module} is a {'transposed' if transposed else f'grouped (groups={groups})'} convolution"
+            if int(w.shape[1]) != width:
+                return f"consumer {module} reads {int(w.shape[1])} channels, the site has {width}"
+            zero_pad = zero_pad or _conv_zero_padding(node, w)
+        else:
+            cols = int(w.shape[1])
+            if cols % width != 0 or (cols != width and not flattened):
+                return f"consumer {module} reads {cols} features, which does not match the site's {width} units"
+            block = cols // width
+            layout = "block" if unit_kind == "channel" else "strided"
+        fold_target, fold_mode = self._fold_target(node, module)
+        return (
+            Consumer(
+                module=module,
+                op=op,
+                weight=weight,
+                fold_target=fold_target,
+                fold_mode=fold_mode,
+                block=block,
+                layout=layout,
+                zero_padding=zero_pad,
+            ),
+        )
+
+    def _fold_target(self, node: torch._C.Node, module: str) -> tuple[str | None, str]:
+        bias = node.inputsAt(2)
+        if not is_none(bias):
+            name = self._param_name(bias)
+            if name is not None:
+                exists = self._module_attr(tuple(name.split("."))) is not None
+                return name, ("bias" if exists else "new-bias")
+        # No bias and none can be added: fold into the next BatchNorm's running_mean (exact in eval).
+        uses = real_uses(node.output())
+        if len(uses) == 1 and uses[0].user.kind() == "aten::batch_norm" and uses[0].offset == 0:
+            rm = uses[0].user.inputsAt(3)
+            if not is_none(rm):
+                name = self._param_name(rm)
+                if name is not None:
+                    return name, "bn-mean"
+        return None, "none"
+
+    def _feeds_output(self, module: str, graph_outputs: set[int]) -> bool:
+        for node in iter_nodes(self.program.graph):
+            if node.kind() in _LINEAR_OPS or node.kind() in _CONV_OPS:
+                w = self._param_name(node.inputsAt(1))
+                if w is not None and w.rsplit(".", 1)[0] == module:
+                    return node.output().unique() in graph_outputs
+        return False
+
+    def require_sites(self) -> None:
+        """Raise a clear error when nothing is reducible."""
+        if self.sites:
+            return
+        raise UnsupportedModelError(
+            f"no reducible sites in {self.path}",
+            no_sites_hint(self.rejected, self.unsupported),
+        )
+
+    # -- running --------------------------------------------------------------------------------
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The model's logits for a batch."""
+        return _logits(self.program.function()(*inputs))
+
+    def run(
+        self,
+        inputs: Sequence[torch.Tensor],
+        capture: Sequence[str] = (),
+        edits: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run a batch, optionally editing and capturing site values.
+
+        Args:
+            inputs: the forward arguments.
+            capture: names of sites whose values to return (after their edit, if any).
+            edits: site name → ``(mask, fill)``: the site value becomes ``where(mask, fill, v)``.
+
+        Returns:
+            ``(logits, {site: value})``.
+        """
+        edits = dict(edits or {})
+        cap_values = tuple(self.site(s).value for s in capture)
+        edit_names = tuple(sorted(edits))
+        edit_values = tuple(self.site(s).value for s in edit_names)
+        fn = self.program.function(outputs=cap_values, edits=edit_values)
+        args: list[Any] = list(inputs)
+        for s in edit_names:
+            args.extend(edits[s])
+        try:
+            out = fn(*args)
+        except RuntimeError as e:
+            raise _input_problem(e, inputs) from e
+        if not capture:
+            return _logits(out), {}
+        head, *values = out
+        return _logits(head), dict(zip(capture, values))
+
+    # -- writing --------------------------------------------------------------------------------
+    def is_parameter(self, name: str) -> bool:
+        return name in self._params
+
+    def write(self, path: str | Path, tensors: Mapping[str, torch.Tensor], plan: Plan) -> None:
+        """Save a copy of this model with ``tensors`` assigned and ``plan`` embedded, atomically."""
+        module = self.fresh_module()
+        current = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        for name, t in tensors.items():
+            old = current.get(name)
+            if old is not None and old.shape == t.shape and torch.equal(old, t):
+                continue
+            owner_path, _, leaf = name.rpartition(".")
+            owner = module
+            for p in owner_path.split(".") if owner_path else []:
+                owner = getattr(owner, p)
+            is_param = name in self._params or (old is None and name not in self._buffers)
+            value = nn.Parameter(t.detach().clone(), requires_grad=False) if is_param else t.detach().clone()
+            setattr(owner, leaf, value)
+        extra = {PLAN_FILE: plan.dumps()}
+        write_with(path, lambda tmp: torch.jit.save(module, str(tmp), _extra_files=extra))
+
+
+def _conv_flags(node: torch._C.Node) -> tuple[bool, int]:
+    """(transposed, groups) of a convolution node."""
+    if node.kind() == "aten::_convolution":
+        return bool(const_value(node.inputsAt(6))), int(const_value(node.inputsAt(8)))
+    return False, int(const_value(node.inputsAt(6)))
+
+
+def _conv_zero_padding(node: torch._C.Node, weight: torch.Tensor) -> bool:
+    pad = const_value(node.inputsAt(4))
+    if isinstance(pad, str):
+        return pad == "same" and any(k > 1 for k in weight.shape[2:])
+    pads = [pad] if isinstance(pad, int) else list(pad)
+    return any(int(p) > 0 for p in pads)
+
+
+def _pad_mode(node: torch._C.Node) -> str | None:
+    kind = node.kind()
+    if kind == "aten::constant_pad_nd":
+        return "constant"
+    if kind != "aten::pad":
+        return "reflect"  # reflection/replication pads repeat the constant
+    try:
+        mode = const_value(node.inputsAt(2))
+    except ValueError:
+        return None
+    return str(mode)
+
+
+def _is_batch_flatten(node: torch._C.Node) -> bool:
+    """flatten(x, 1, -1), or view/reshape to (n, -1): keeps the batch axis, merges the rest."""
+    try:
+        if node.kind() == "aten::flatten":
+            return int(const_value(node.inputsAt(1))) == 1 and int(const_value(node.inputsAt(2))) == -1
+        shape_node = node.inputsAt(1).node()
+        if shape_node.kind() == "prim::ListConstruct":
+            items = list(shape_node.inputs())
+            return len(items) == 2 and items[1].node().kind() == "prim::Constant" and items[1].toIValue() == -1
+        shape = const_value(node.inputsAt(1))
+        return len(shape) == 2 and shape[1] == -1
+    except (ValueError, RuntimeError, TypeError):
+        return False
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    raise UnsupportedModelError(
+        f"the model returns {type(out).__name__}, not logits",
+        "cmrtool needs a model whose forward returns a logits tensor (or a tuple starting with one)",
+    )
+
+
+def _input_problem(e: RuntimeError, inputs: Sequence[torch.Tensor]) -> InputError:
+    shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+    first = str(e).strip().splitlines()
+    detail = next((ln.strip() for ln in reversed(first) if ln.strip() and not ln.startswith(" ")), "")
+    return InputError(
+        f"the model rejected inputs of shape {shapes}: {detail[:200]}",
+        "check that the data was prepared for this model (shape, dtype, tensor names)",
+    )
+
+
+def _load_problem(path: str, data: bytes | None, e: Exception) -> str:
+    try:
+        src: Any = io.BytesIO(data) if data is not None else path
+        if zipfile.is_zipfile(src):
+            src = io.BytesIO(data) if data is not None else path
+            with zipfile.ZipFile(src) as z:
+                names = z.namelist()
+            if any(n.endswith("data.pkl") for n in names) and not any("/code/" in n for n in names):
+                return "it is a torch.save pickle, not TorchScript"
+            return "the archive is incomplete or corrupt"
+        return "not a zip archive: truncated or not a PyTorch file"
+    except Exception:
+        return type(e).__name__
+
+
+def no_sites_hint(rejected: Sequence[Rejection], unsupported: Sequence[str]) -> str:
+    """One line explaining why a model has no sites."""
+    parts: list[str] = []
+    if rejected:
+        parts.append("; ".join(f"{r.name}: {r.reason}" for r in rejected[:3]))
+    if unsupported:
+        parts.append("unsupported layers: " + ", ".join(unsupported[:5]))
+    if not parts:
+        parts.append("cmrtool reduces Linear/Conv → activation → Linear/Conv chains and found none")
+    return "; ".join(parts)

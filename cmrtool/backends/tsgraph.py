@@ -1,0 +1,234 @@
+"""TorchScript graphs as programs: prepared once, then copied and edited into small functions.
+
+A ScriptModule refuses forward hooks, so cmrtool works on its ``inlined_graph`` instead:
+
+1. **Prepare** (once): inline every submodule, replace non-tensor attributes (``training``,
+   config flags) by their current values, then constant-propagate and remove dead code. This
+   resolves ``prim::If`` blocks that depend on module attributes (e.g. ``if self.use_bn``), so
+   producers inside them become visible, and drops training-only branches.
+2. **Derive** functions from copies of the prepared graph:
+
+   - *capture*: extra graph outputs for site values;
+   - *edit*: ``v' = where(mask, fill, v)`` inserted right after a site value, used by every
+     later use of ``v``; this clamps replaced units (fold-error checks) or swaps in source
+     activations (interchange interventions) inside one batched call;
+   - *cut*: a site value replaced by a new graph input, then dead code removed (including
+     checks with side effects), so the function computes only what the rest of the network
+     needs from that point on.
+
+   ``torch._C._create_function_from_graph`` turns each edited graph into a callable taking the
+   module's ``_c`` object as its first argument. Functions are cached by their edit signature.
+
+Values are addressed by their debug names, which ``Graph.copy`` preserves except for purely
+numeric ones; :meth:`GraphProgram.handle` gives such values an explicit name first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "GraphProgram",
+    "attr_path",
+    "iter_nodes",
+    "const_value",
+    "real_uses",
+    "SHAPE_ONLY_OPS",
+]
+
+# Uses that read only metadata (shape, rank, dtype), never the values: they do not consume units.
+SHAPE_ONLY_OPS = frozenset(
+    {
+        "aten::size",
+        "aten::dim",
+        "aten::len",
+        "aten::numel",
+        "prim::shape",
+        "prim::device",
+        "prim::dtype",
+        "prim::layout",
+        "aten::is_floating_point",
+        "prim::is_cuda",
+    }
+)
+
+_SCALAR_KINDS = frozenset({"BoolType", "IntType", "FloatType", "StringType", "NoneType"})
+
+
+def iter_nodes(block: Any) -> Iterator[torch._C.Node]:
+    """All nodes of a graph or block, depth first through sub-blocks."""
+    for node in block.nodes():
+        yield node
+        for sub in node.blocks():
+            yield from iter_nodes(sub)
+
+
+def attr_path(value: torch._C.Value, self_value: torch._C.Value) -> tuple[str, ...] | None:
+    """The attribute path of ``value`` from ``self`` (e.g. ``('body', '0', 'weight')``), or None."""
+    path: list[str] = []
+    v = value
+    while v.node().kind() == "prim::GetAttr":
+        path.append(v.node().s("name"))
+        v = v.node().input()
+    if v.unique() != self_value.unique():
+        return None
+    return tuple(reversed(path))
+
+
+def const_value(value: torch._C.Value) -> Any:
+    """The Python value of a ``prim::Constant`` (or a list of constants); raises if not constant."""
+    node = value.node()
+    if node.kind() == "prim::Constant":
+        return value.toIValue()
+    if node.kind() == "prim::ListConstruct":
+        return [const_value(v) for v in node.inputs()]
+    raise ValueError(f"{value.debugName()} is not a constant")
+
+
+def is_none(value: torch._C.Value) -> bool:
+    return value.node().kind() == "prim::Constant" and value.type().kind() == "NoneType"
+
+
+def real_uses(value: torch._C.Value) -> list[Any]:
+    """Uses of ``value`` that read its data (shape queries excluded)."""
+    return [u for u in value.uses() if u.user.kind() not in SHAPE_ONLY_OPS]
+
+
+def _resolve_attr(module: Any, path: Sequence[str]) -> Any:
+    obj = module
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
+
+
+def _fold_scalar_attributes(module: Any, graph: torch._C.Graph) -> None:
+    """Replace GetAttr of bool/int/float/str/None attributes by constants of their value."""
+    self_value = next(iter(graph.inputs()))
+    for node in list(iter_nodes(graph)):
+        if node.kind() != "prim::GetAttr" or node.output().type().kind() not in _SCALAR_KINDS:
+            continue
+        path = attr_path(node.output(), self_value)
+        if path is None:
+            continue
+        try:
+            val = _resolve_attr(module, path)
+        except AttributeError:
+            continue
+        if val is not None and not isinstance(val, (bool, int, float, str)):
+            continue
+        with graph.insert_point_guard(node):
+            c = graph.insertConstant(val)
+        node.output().replaceAllUsesWith(c)
+        node.destroy()
+
+
+class GraphProgram:
+    """The prepared forward graph of a ScriptModule and the functions derived from it.
+
+    Args:
+        module: a loaded ``torch.jit.ScriptModule`` in eval mode.
+    """
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        graph = module.inlined_graph  # a fresh graph on every access
+        _fold_scalar_attributes(module, graph)
+        torch._C._jit_pass_constant_propagation(graph)
+        torch._C._jit_pass_dce(graph)
+        self.graph = graph
+        self.self_value = next(iter(graph.inputs()))
+        self._cache: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self._counter = 0
+
+    # -- addressing ---------------------------------------------------------------------------
+    def find(self, graph: torch._C.Graph, name: str) -> torch._C.Value:
+        for v in graph.inputs():
+            if v.debugName() == name:
+                return v
+        for node in iter_nodes(graph):
+            for v in node.outputs():
+                if v.debugName() == name:
+                    return v
+        raise KeyError(name)
+
+    def handle(self, value: torch._C.Value) -> str:
+        """A name for ``value`` that survives ``Graph.copy`` (numeric debug names are renumbered)."""
+        name = value.debugName()
+        if name.isdigit() or not name:
+            self._counter += 1
+            name = f"cmrtool_v{self._counter}"
+            value.setDebugName(name)
+        return name
+
+    def path_of(self, value: torch._C.Value) -> tuple[str, ...] | None:
+        return attr_path(value, self.self_value)
+
+    # -- derived functions --------------------------------------------------------------------
+    def function(
+        self, outputs: Sequence[str] = (), edits: Sequence[str] = (), cuts: Sequence[str] = ()
+    ) -> Callable[..., Any]:
+        """A callable ``f(*inputs, *cut_values, *[mask, fill per edit])``.
+
+        Returns the model's output when ``outputs`` is empty, else a tuple
+        ``(model_output, *values)`` where each value is taken after its edit, if any.
+
+        Args:
+            outputs: value names to return besides the model output.
+            edits: value names ``v`` to replace by ``where(mask, fill, v)``.
+            cuts: value names replaced by new inputs; upstream work they made dead is removed.
+        """
+        key = (tuple(outputs), tuple(edits), tuple(cuts))
+        fn = self._cache.get(key)
+        if fn is None:
+            fn = self._build(*key)
+            self._cache[key] = fn
+        return fn
+
+    def _build(self, outputs: tuple[str, ...], edits: tuple[str, ...], cuts: tuple[str, ...]) -> Callable[..., Any]:
+        g = self.graph.copy()
+        replaced: dict[str, torch._C.Value] = {}
+        for name in cuts:
+            v = self.find(g, name)
+            new = g.addInput(f"cut_{len(replaced)}")
+            new.setType(v.type())
+            v.replaceAllUsesWith(new)
+            replaced[name] = new
+        for i, name in enumerate(edits):
+            v = replaced.get(name) or self.find(g, name)
+            mask = g.addInput(f"mask_{i}")
+            fill = g.addInput(f"fill_{i}")
+            anchor = v.node() if v.node().kind() != "prim::Param" else None
+            if anchor is None:  # an input (e.g. a cut): insert at the top of the graph
+                first = next(iter(g.nodes()))
+                with g.insert_point_guard(first):
+                    w = g.insert("aten::where", [mask, fill, v])
+                w.node().moveBefore(first)
+                v.replaceAllUsesAfterNodeWith(w.node(), w)
+            else:
+                with g.insert_point_guard(anchor):
+                    w = g.insert("aten::where", [mask, fill, v])
+                w.node().moveAfter(anchor)
+                v.replaceAllUsesAfterNodeWith(w.node(), w)
+            replaced[name] = w
+        if outputs:
+            extra = [replaced.get(name) or self.find(g, name) for name in outputs]
+            n_orig = len(list(g.outputs()))
+            for v in extra:
+                g.registerOutput(v)
+            if n_orig + len(extra) > 1:
+                g.makeMultiOutputIntoTuple()
+        if cuts:
+            torch._C._jit_pass_dce_allow_deleting_nodes_with_side_effects(g)
+        else:
+            torch._C._jit_pass_dce(g)
+        self._counter += 1
+        fn = torch._C._create_function_from_graph(f"cmrtool_fn_{self._counter}", g)
+        owner = self.module._c
+
+        def call(*args: Any) -> Any:
+            return fn(owner, *args)
+
+        return call

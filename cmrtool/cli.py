@@ -1,0 +1,258 @@
+"""The ``cmrtool`` command: a thin client over :mod:`cmrtool.api`.
+
+Each command parses its options, makes one library call and renders the result (JSON on stdout
+with ``--json`` or when stdout is not a terminal; a table otherwise; logs and progress on
+stderr). :func:`main` is the one error boundary: a :class:`~cmrtool.errors.CmrError` becomes
+``error: …`` / ``hint: …`` on stderr with its exit code (1 bad input, 2 usage, 3 verification
+failed); any other exception is reported the same way without a traceback unless
+``CMRTOOL_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from cmrtool import __version__
+from cmrtool.criteria import DEFAULT_CRITERION, REGISTRY, REPLACEMENT_MODES
+from cmrtool.errors import CmrError
+
+__all__ = ["app", "main"]
+
+CRITERIA = ", ".join(REGISTRY)
+
+
+def _examples(*lines: str) -> str:
+    """An epilog that click prints verbatim (the \\b marker stops it from rewrapping)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {ln}" for ln in lines)
+
+
+app = typer.Typer(
+    name="cmrtool",
+    help=(
+        "Reduce trained PyTorch networks by mechanism replacement: score hidden units, replace the "
+        "weakest by constants, and fold them exactly into a smaller checkpoint.\n\n"
+        "Pipeline: inspect → score → compile.  Results go to stdout (JSON with --json or when "
+        "piped), logs and progress to stderr.  Exit codes: 0 ok, 1 bad input, 2 bad usage, "
+        "3 verification failed.  Set CMRTOOL_DEBUG=1 for tracebacks."
+    ),
+    epilog=_examples(
+        "cmrtool inspect samples/digits_mlp.pt --calib samples/calib.safetensors",
+        "cmrtool score samples/digits_mlp.pt --calib samples/calib.safetensors --json > scores.json",
+        "cmrtool compile samples/digits_mlp.pt --calib samples/calib.safetensors --keep 0.5 -o reduced.pt",
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+)
+
+# Options shared by several commands.
+ModelArg = Annotated[str, typer.Argument(help="TorchScript checkpoint (torch.jit.save); '-' reads stdin.", show_default=False)]
+JsonOpt = Annotated[Optional[bool], typer.Option("--json/--no-json", help="JSON on stdout (default: JSON when stdout is not a terminal).", show_default=False)]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: usable CPUs, at most 4).", show_default=False)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for criteria that draw (random).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")]
+SiteOpt = Annotated[Optional[list[str]], typer.Option("--site", help="Site name or glob (repeatable), e.g. --site 'blocks.*.fc1'. Default: every neuron and channel site.", show_default=False)]
+KindOpt = Annotated[Optional[list[str]], typer.Option("--kind", help="Only sites of this kind: neuron, channel, head (repeatable).", show_default=False)]
+CriterionOpt = Annotated[str, typer.Option("--criterion", "-c", help=f"Scoring criterion: {CRITERIA}.")]
+KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Fraction of each site's units to keep, in (0, 1].", show_default=False)]
+KeepCountOpt = Annotated[Optional[int], typer.Option("--keep-count", help="Number of units to keep per site (instead of --keep).", show_default=False)]
+RoundOpt = Annotated[Optional[int], typer.Option("--round-to", help="Keep a multiple of N units per site (GPU-friendly widths).", show_default=False)]
+
+
+def _output(json_mode: bool | None, quiet: bool) -> Any:
+    from cmrtool.output import Output
+
+    return Output(json_mode, quiet)
+
+
+def _setup(threads: int | None) -> None:
+    from cmrtool.api import configure
+
+    configure(threads)
+
+
+@app.command(
+    epilog=_examples(
+        "cmrtool inspect model.pt",
+        "cmrtool inspect model.pt --calib calib.safetensors --json | jq '.sites[].name'",
+    )
+)
+def inspect(
+    model: ModelArg,
+    calib: Annotated[Optional[str], typer.Option("--calib", help="Data file whose first sample sizes the MAC count.", show_default=False)] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape for the MAC count, e.g. 1,1,8,8.", show_default=False)] = None,
+    json_mode: JsonOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """List the sites a model offers for reduction: kind, width, activation, fold kind, consumers; and its parameters and MACs."""
+    from cmrtool import api, render
+    from cmrtool.backends.torchscript import no_sites_hint
+    from cmrtool.errors import UnsupportedModelError
+
+    out = _output(json_mode, quiet)
+    _setup(threads)
+    report = api.inspect(model, calib, input_shape)
+    out.result(report.to_json(), lambda c: render.inspect_table(report, c))
+    if not report.sites:
+        raise UnsupportedModelError(f"no reducible sites in {model}", no_sites_hint(report.rejected, report.unsupported))
+
+
+@app.command(
+    epilog=_examples(
+        "cmrtool score model.pt --calib calib.safetensors",
+        "cmrtool score model.pt --calib calib.safetensors -c vbp --keep 0.5 --json > scores.json",
+        "cmrtool score model.pt --calib calib.safetensors --json \\",
+        "  | cmrtool compile model.pt --scores - --keep 0.5 -o reduced.pt",
+    )
+)
+def score(
+    model: ModelArg,
+    calib: Annotated[str, typer.Option("--calib", help="Calibration data (.safetensors with 'input' [and 'labels'], .npz, .npy, .pt; '-' reads stdin).", show_default=False)],
+    criterion: CriterionOpt = DEFAULT_CRITERION,
+    site: SiteOpt = None,
+    kind: KindOpt = None,
+    keep: KeepOpt = None,
+    keep_count: KeepCountOpt = None,
+    round_to: RoundOpt = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write the JSON document to this file.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use at most this many calibration samples.", show_default=False)] = None,
+    batch_size: BatchOpt = 256,
+    seed: SeedOpt = 0,
+    json_mode: JsonOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score every unit of the selected sites on calibration data (lower score = replaced first). With --keep, also show which units would be kept."""
+    import json
+
+    import torch
+
+    from cmrtool import api, render
+    from cmrtool.io import atomic_write_bytes, check_output_path
+    from cmrtool.selection import choose_kept, kept_width, validate_keep
+
+    out = _output(json_mode, quiet)
+    validate_keep(keep, keep_count, round_to)
+    if output is not None:
+        check_output_path(output, [model, calib], force)
+    _setup(threads)
+    report = api.score(model, calib, criterion, site, kind, seed, batch_size, limit, out.progress)
+    doc = report.to_json()
+    if keep is not None or keep_count is not None:
+        for s in doc["sites"]:
+            k = kept_width(s["name"], s["width"], keep, keep_count, round_to)
+            s["kept"] = list(choose_kept(torch.tensor(s["scores"], dtype=torch.float64), k)[0])
+    if output is not None:
+        atomic_write_bytes(output, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode())
+        out.log(f"wrote {output}")
+    out.result(doc, lambda c: render.score_table(doc, c))
+
+
+@app.command(
+    name="compile",
+    epilog=_examples(
+        "cmrtool compile model.pt --calib calib.safetensors --keep 0.5 -o reduced.pt",
+        "cmrtool compile model.pt --calib calib.safetensors --site body.2 --keep-count 128 --round-to 8 -o reduced.pt",
+        "cmrtool score model.pt --calib calib.safetensors --json \\",
+        "  | cmrtool compile model.pt --scores - --keep 0.5 -o reduced.pt",
+    ),
+)
+def compile_(
+    model: ModelArg,
+    output: Annotated[str, typer.Option("--output", "-o", help="Reduced checkpoint to write (refuses to overwrite without --force).", show_default=False)],
+    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data: scores the model, and checks the fold error of the result.", show_default=False)] = None,
+    scores: Annotated[Optional[str], typer.Option("--scores", help="Scores from 'cmrtool score --json' ('-' reads stdin) instead of scoring here.", show_default=False)] = None,
+    keep: KeepOpt = None,
+    keep_count: KeepCountOpt = None,
+    round_to: RoundOpt = None,
+    criterion: CriterionOpt = DEFAULT_CRITERION,
+    replacement: Annotated[str, typer.Option("--replacement", help=f"What replaced units become: {', '.join(REPLACEMENT_MODES)} (auto = the criterion's choice; zero = delete without folding).")] = "auto",
+    site: SiteOpt = None,
+    kind: KindOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists (never an input).")] = False,
+    check_samples: Annotated[int, typer.Option("--check-samples", help="Calibration samples used to measure the fold error (0 skips the check).")] = 256,
+    batch_size: BatchOpt = 256,
+    seed: SeedOpt = 0,
+    json_mode: JsonOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Replace the lowest-scoring units of each site and fold them exactly into a smaller checkpoint, with the plan embedded; then measure the fold error against the original with those units clamped."""
+    from cmrtool import api, render
+
+    out = _output(json_mode, quiet)
+    _setup(threads)
+    report = api.compile(
+        model, output, calib=calib, scores=scores, criterion=criterion, sites=site, kinds=kind,
+        keep=keep, keep_count=keep_count, round_to=round_to, replacement=replacement, seed=seed,
+        batch_size=batch_size, force=force, check_samples=check_samples, progress=out.progress, warn=out.warn,
+    )
+    out.result(report.to_json(), lambda c: render.compile_table(report, c))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cmrtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
+def _print_error(message: str, hint: str) -> None:
+    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    if hint:
+        sys.stderr.write(f"hint: {' '.join(hint.split())}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (used by ``python -m cmrtool`` and the console script)."""
+    debug = os.environ.get("CMRTOOL_DEBUG", "") not in ("", "0")
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        rv = app(args=args, prog_name="cmrtool", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except CmrError as e:
+        if debug:
+            raise
+        _print_error(e.message, e.hint)
+        return e.exit_code
+    except typer.TyperException as e:  # usage errors raised by the argument parser
+        if debug:
+            raise
+        code = getattr(e, "exit_code", 2)
+        cmd = next((a for a in args if not a.startswith("-")), "")
+        _print_error(e.format_message(), f"see 'cmrtool {cmd + ' ' if cmd else ''}--help'")
+        return code if code else 2
+    except typer.Abort:
+        _print_error("aborted", "")
+        return 130
+    except KeyboardInterrupt:
+        _print_error("interrupted", "no output was written")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # the last line of defence: no tracebacks for users
+        if debug:
+            raise
+        _print_error(f"internal error: {type(e).__name__}: {e}", "set CMRTOOL_DEBUG=1 to see the traceback, and please report it")
+        return 1
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

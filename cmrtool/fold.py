@@ -1,0 +1,141 @@
+"""Folding: compile a plan into smaller tensors. A pure function of (tensors, sites, plan).
+
+For each site with kept units K and replaced units S with constants c_S (DESIGN §3.4):
+
+- every **consumer** loses the columns of S, and the replaced units' constant contribution moves
+  into its fold target (Proposition 1)::
+
+      Linear:  W' = W[:, K],   d = W[:, S] c_S            (all columns of a unit's block)
+      Conv:    W' = W[:, K],   d = Σ_{j∈S} c_j Σ_{kh,kw} W[:, j, kh, kw]
+      bias:    b' = b + d      new-bias: b' = d      bn-mean: running_mean' = running_mean − d
+
+  (BatchNorm in eval computes (y − μ)/σ·γ + β, so y + d is absorbed by μ' = μ − d.)
+- every **producer** keeps only the rows/out-channels/BatchNorm entries of K.
+
+All folds are computed in the original index space first (so a bias that is both a fold target
+and another site's producer is updated before it is sliced), in float64, then cast back to each
+tensor's dtype. Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cmrtool.errors import InputError, UnsupportedModelError
+from cmrtool.plan import Plan
+from cmrtool.sites import Consumer, Site
+
+__all__ = ["fold", "FoldResult", "unit_columns"]
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """The reduced tensors (all of them, changed or not) and the names that were added."""
+
+    tensors: dict[str, torch.Tensor]
+    added: tuple[str, ...]
+    changed: tuple[str, ...]
+
+
+def unit_columns(consumer: Consumer, width: int, units: Sequence[int]) -> torch.Tensor:
+    """Consumer input columns owned by ``units`` (in unit order)."""
+    u = torch.as_tensor(list(units), dtype=torch.long)
+    if consumer.op == "conv" or consumer.block == 1:
+        return u
+    b = torch.arange(consumer.block)
+    if consumer.layout == "strided":  # cols t*width + j
+        return (b[None, :] * width + u[:, None]).T.reshape(-1).sort().values
+    return (u[:, None] * consumer.block + b[None, :]).reshape(-1)  # cols j*block + b
+
+
+def _contribution(weight: torch.Tensor, consumer: Consumer, width: int, replaced: Sequence[int], values: torch.Tensor) -> torch.Tensor:
+    """``d = Σ_{j∈S} c_j · (everything unit j feeds into each output)`` in float64, shape (out,)."""
+    w = weight.to(torch.float64)
+    if consumer.op == "conv":
+        per_unit = w[:, list(replaced)].reshape(w.shape[0], len(replaced), -1).sum(-1)  # (out, |S|)
+        return per_unit @ values
+    cols = unit_columns(consumer, width, replaced)
+    if consumer.layout == "strided" and consumer.block > 1:
+        return w[:, cols] @ _strided_values(cols, width, replaced, values)
+    per_col = values.repeat_interleave(consumer.block)
+    return w[:, cols] @ per_col
+
+
+def _strided_values(cols: torch.Tensor, width: int, replaced: Sequence[int], values: torch.Tensor) -> torch.Tensor:
+    lookup = {int(j): float(v) for j, v in zip(replaced, values.tolist())}
+    return torch.tensor([lookup[int(c) % width] for c in cols], dtype=torch.float64)
+
+
+def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan) -> FoldResult:
+    """Apply ``plan`` to ``tensors``; return the reduced tensors.
+
+    Args:
+        tensors: every parameter and buffer of the model by name (not modified).
+        sites: the model's sites (those named by the plan must be among them).
+        plan: kept/replaced units and constants per site.
+
+    Raises:
+        InputError: the plan names a site the model does not have, or widths differ.
+        UnsupportedModelError: a planned site cannot be folded (``fold: none``).
+    """
+    by_name = {s.name: s for s in sites}
+    out: dict[str, torch.Tensor] = dict(tensors)
+    added: list[str] = []
+    changed: set[str] = set()
+    slices: dict[str, list[tuple[int, torch.Tensor]]] = {}
+
+    def add_slice(name: str, axis: int, index: torch.Tensor) -> None:
+        slices.setdefault(name, []).append((axis, index))
+
+    for sp in plan.sites:
+        site = by_name.get(sp.name)
+        if site is None:
+            raise InputError(
+                f"the plan names site {sp.name}, which this model does not have",
+                "the plan was made for a different model; run compile on the matching model",
+            )
+        if site.width != sp.width:
+            raise InputError(
+                f"site {sp.name} has width {site.width} but the plan says {sp.width}",
+                "the plan was made for a different model; run compile on the matching model",
+            )
+        if not site.foldable:
+            raise UnsupportedModelError(f"site {sp.name} cannot be folded: {site.reason}", "choose other sites with --site")
+        if not sp.replaced:
+            continue
+        values = torch.tensor(sp.replacement.values, dtype=torch.float64)
+        for c in site.consumers:
+            w = tensors[c.weight]
+            d = _contribution(w, c, site.width, sp.replaced, values)
+            target = c.fold_target
+            assert target is not None
+            if c.fold_mode == "bias":
+                cur = out[target]
+                out[target] = (cur.to(torch.float64) + d).to(cur.dtype)
+            elif c.fold_mode == "new-bias":
+                cur = out.get(target)
+                base = cur.to(torch.float64) if cur is not None else torch.zeros_like(d)
+                out[target] = (base + d).to(w.dtype)
+                if cur is None:
+                    added.append(target)
+            elif c.fold_mode == "bn-mean":
+                cur = out[target]
+                out[target] = (cur.to(torch.float64) - d).to(cur.dtype)
+            changed.add(target)
+            add_slice(c.weight, 1, unit_columns(c, site.width, sp.kept))
+        kept = torch.as_tensor(sp.kept, dtype=torch.long)
+        for p in site.producers:
+            add_slice(p.name, p.axis, kept)
+
+    for name, ops in slices.items():
+        t = out.get(name)
+        if t is None:
+            continue  # an optional producer bias that nobody created
+        for axis, index in ops:
+            t = t.index_select(axis, index)
+        out[name] = t.contiguous()
+        changed.add(name)
+    return FoldResult(out, tuple(added), tuple(sorted(changed)))
