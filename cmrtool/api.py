@@ -15,15 +15,17 @@ Lower-level pieces (backends, statistics, criteria, folding) are in their own mo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ContextManager
 
 from cmrtool.errors import UsageError
 
-__all__ = ["configure", "open_model", "inspect", "score", "compile", "ProgressFactory", "default_threads"]
+__all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "ProgressFactory", "default_threads"]
 
 ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
 
@@ -42,14 +44,39 @@ def default_threads() -> int:
     return max(1, min(4, cpus))
 
 
+def tune_malloc() -> bool:
+    """Keep freed activation buffers inside the process (glibc only).
+
+    By default glibc serves buffers over 128 KB with ``mmap`` and trims the heap as soon as
+    128 KB are free, so every batch re-faults the pages of its activations; on small models that
+    costs more than the arithmetic (measured: score/forward 2.2 → 1.4 on the digits MLP). This
+    raises the mmap threshold to 32 MB and the trim threshold to 256 MB for this process.
+    ``CMRTOOL_MALLOC=system`` leaves malloc alone. Returns whether the setting was applied.
+    """
+    if sys.platform != "linux" or os.environ.get("CMRTOOL_MALLOC", "") == "system":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+
+
 def configure(threads: int | None = None) -> None:
-    """Set torch's intra-op threads (default :func:`default_threads`) and one inter-op thread."""
+    """Prepare the process for cmrtool's work (the CLI calls this first).
+
+    Sets torch's intra-op threads (default :func:`default_threads`), one inter-op thread, and
+    :func:`tune_malloc`.
+    """
     import torch
 
     n = default_threads() if threads is None or threads <= 0 else threads
     torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
         torch.set_num_interop_threads(1)
+    tune_malloc()
 
 
 def open_model(path: str | Path, arch: str | None = None) -> Any:
@@ -152,7 +179,7 @@ def compile(
     from cmrtool.errors import InputError
     from cmrtool.io import check_output_path, read_bytes
     from cmrtool.scoring import ScoreReport, score_model, select_sites
-    from cmrtool.selection import validate_keep
+    from cmrtool.selection import kept_width, validate_keep
 
     # Validate everything cheap before loading anything.
     validate_keep(keep, keep_count, round_to)
@@ -184,6 +211,8 @@ def compile(
     chosen = [s for s in chosen if s.foldable]
     if not chosen:
         raise InputError("none of the selected sites can be folded", "see cmrtool inspect for fold kinds and reasons")
+    for s in chosen:  # keep-count against every width, before any scoring
+        kept_width(s.name, s.width, keep, keep_count, round_to)
 
     data = open_data(calib, model) if calib is not None else None
     if isinstance(scores, (str, Path)):

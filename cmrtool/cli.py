@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -223,8 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (used by ``python -m cmrtool`` and the console script)."""
     debug = os.environ.get("CMRTOOL_DEBUG", "") not in ("", "0")
     args = sys.argv[1:] if argv is None else argv
+    if not debug:  # library warnings (tracer, deprecations) are noise for a CLI user
+        warnings.filterwarnings("ignore")
     try:
         rv = app(args=args, prog_name="cmrtool", standalone_mode=False)
+        if rv == 130:  # typer turns KeyboardInterrupt into exit code 130
+            _print_error("interrupted", "no output was written")
         return rv if isinstance(rv, int) else 0
     except CmrError as e:
         if debug:

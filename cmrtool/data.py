@@ -9,6 +9,8 @@ from standard input. Every batch is checked for NaN and Inf before it reaches th
 
 from __future__ import annotations
 
+import math
+import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ class _Reader:
     def __init__(self, path: str) -> None:
         self.path = path
         self._st: Any = None
+        self._slices: dict[str, Any] = {}
         self._arrays: dict[str, Any] = {}
         suffix = Path(path).suffix.lower()
         try:
@@ -70,7 +73,14 @@ class _Reader:
                     self._arrays = {k: z[k] for k in z.files}
             elif suffix in (".pt", ".pth", ".bin"):
                 require_file(path, "data file")
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+                if _is_torchscript(path):
+                    raise InputError(
+                        f"{path} is a TorchScript model, not a data file",
+                        "pass the data file (e.g. calib.safetensors with 'input' and 'labels')",
+                    )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
                 if isinstance(obj, torch.Tensor):
                     obj = {INPUT: obj}
                 if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -110,17 +120,35 @@ class _Reader:
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if self._st is not None:
-            return self._st.get_slice(name)[start:stop]
+            sl = self._slices.get(name)
+            if sl is None:
+                sl = self._slices[name] = self._st.get_slice(name)
+            return sl[start:stop]
         arr = self._arrays[name][start:stop]
         if isinstance(arr, torch.Tensor):
             return arr
         import numpy as np
 
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        return torch.from_numpy(np.array(arr, copy=True))  # memory-mapped rows are read-only
 
 
 def _is_zip(path: str) -> bool:
     return zipfile.is_zipfile(path)
+
+
+def _is_torchscript(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n for n in z.namelist())
+
+
+def _row_bytes(reader: _Reader, name: str) -> int:
+    shape = reader.shape(name)
+    numel = 1
+    for d in shape[1:]:
+        numel *= int(d)
+    return numel * reader.dtype(name).itemsize
 
 
 def _first_line(e: BaseException) -> str:
@@ -223,21 +251,35 @@ class Dataset:
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self._reader.shape(k) for k in self.keys}
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
-        """Yield consecutive batches, reading only those rows from disk."""
+    def batches(self, batch_size: int, limit: int | None = None, labels: bool = True) -> Iterator[Batch]:
+        """Yield consecutive batches, reading only those rows from disk (labels if asked).
+
+        Rows are read ahead in chunks of several batches (about 16 MB at most), so a slice call
+        and a finiteness check cost once per chunk, not once per batch.
+        """
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 256")
         n = self.n if limit is None else min(self.n, limit)
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            yield self.read(start, stop)
+        per_row = max(1, sum(_row_bytes(self._reader, k) for k in self.keys))
+        chunk = batch_size * max(1, min(16, (16 << 20) // (per_row * batch_size)))
+        for c0 in range(0, n, chunk):
+            block = self.read(c0, min(n, c0 + chunk), labels)
+            for b0 in range(0, len(block), batch_size):
+                b1 = b0 + batch_size
+                yield Batch(
+                    tuple(t[b0:b1] for t in block.inputs),
+                    None if block.labels is None else block.labels[b0:b1],
+                    c0 + b0,
+                )
 
-    def read(self, start: int, stop: int) -> Batch:
+    def read(self, start: int, stop: int, labels: bool = True) -> Batch:
         inputs = []
         for k in self.keys:
             t = self._reader.rows(k, start, stop)
             if t.dtype.is_floating_point:
-                if not bool(torch.isfinite(t).all()):
+                # One reduction: any NaN/Inf makes the sum non-finite (overflow only triggers
+                # the exact check below, which then finds nothing).
+                if not math.isfinite(float(t.sum(dtype=torch.float64))) and not bool(torch.isfinite(t).all()):
                     bad = int((~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()[0, 0]) + start
                     raise InputError(
                         f"tensor '{k}' in {self.path} has NaN or Inf (first at sample {bad})",
@@ -246,8 +288,8 @@ class Dataset:
                 if self.float_dtype is not None and t.dtype != self.float_dtype:
                     t = t.to(self.float_dtype)
             inputs.append(t)
-        labels = self._reader.rows(LABELS, start, stop).long() if self.has_labels else None
-        return Batch(tuple(inputs), labels, start)
+        y = self._reader.rows(LABELS, start, stop).long() if self.has_labels and labels else None
+        return Batch(tuple(inputs), y, start)
 
     def all(self, limit: int | None = None) -> Batch:
         return self.read(0, self.n if limit is None else min(self.n, limit))

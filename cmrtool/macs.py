@@ -30,7 +30,7 @@ def _custom_mapping() -> dict[Any, Any]:
         def flash_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):  # type: ignore[no-untyped-def]
             return _sdpa_flops(query_shape, key_shape, value_shape)
 
-        mapping[op.default] = flash_cpu
+        mapping[op] = flash_cpu  # FlopCounterMode looks formulas up by op packet
     return mapping
 
 

@@ -24,7 +24,7 @@ from cmrtool.criteria import Evidence, consumer_sq_norms, get_criterion
 from cmrtool.data import Dataset
 from cmrtool.errors import InputError, UsageError
 from cmrtool.sites import Site
-from cmrtool.stats import Moments, as_samples
+from cmrtool.stats import Moments
 
 __all__ = [
     "SCORES_SCHEMA_VERSION",
@@ -130,7 +130,7 @@ class ScoreReport:
     def loads(cls, text: str | bytes) -> ScoreReport:
         try:
             return cls.from_json(json.loads(text))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"the scores file is not valid JSON: {e}", "produce it with: cmrtool score MODEL --calib DATA --json > scores.json") from e
 
 
@@ -177,17 +177,23 @@ def collect_moments(
     moments = {s.name: Moments(s.width) for s in sites}
     names = [s.name for s in sites]
     axes = {s.name: s.unit_axis for s in sites}
+    in_graph = hasattr(model, "batch_moments")
     with torch.no_grad():
-        for batch in data.batches(batch_size, limit):
+        for batch in data.batches(batch_size, limit, labels=False):
+            if in_graph:  # the backend reduces inside its graph: activations never surface
+                for name, (n, mean, m2) in model.batch_moments(batch.inputs, names).items():
+                    moments[name].add_partial(n, mean, m2)
+                if progress is not None:
+                    progress(len(batch))
+                continue
             _, values = model.run(batch.inputs, capture=names)
             for name, v in values.items():
-                samples = as_samples(v, axes[name])
-                if samples.shape[1] != moments[name].width:
+                if v.dim() == 0 or v.shape[axes[name]] != moments[name].width:
                     raise InputError(
-                        f"site {name} produced {samples.shape[1]} units, expected {moments[name].width}",
+                        f"site {name} produced a value of shape {tuple(v.shape)}, expected {moments[name].width} units on axis {axes[name]}",
                         "the model's graph does not match its weights; re-export it",
                     )
-                moments[name].update(samples)
+                moments[name].update_value(v, axes[name])
             if progress is not None:
                 progress(len(batch))
     return moments

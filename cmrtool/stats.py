@@ -5,9 +5,13 @@ partial results with Chan et al.'s parallel update::
 
     n = n_a + n_b,  δ = μ_b − μ_a,  μ = μ_a + δ n_b / n,  M2 = M2_a + M2_b + δ² n_a n_b / n
 
-so statistics over a whole calibration set do not depend on how it was batched beyond float
+(applied k batches at a time in its k-way form ``μ = Σ n_i μ_i / n``,
+``M2 = Σ M2_i + Σ n_i (μ_i − μ)²``), so statistics over a whole calibration set do not depend on
+how it was batched beyond float
 rounding, and never require holding the activations. ``Var[a_j] = M2_j / n`` (the population
-variance of eq. (10) of the CMR paper).
+variance of eq. (10) of the CMR paper). The accumulators are float64; each batch's partial mean
+and M2 are computed in the activations' own precision by the two-pass algorithm
+(:meth:`Moments.update_value`).
 
 Samples: a neuron site contributes one sample per row (and per token for ``(n, t, width)``
 values); a channel site one per (image, position).
@@ -37,40 +41,96 @@ class Moments:
         torch.Size([3])
     """
 
+    _FLUSH = 64  # per-batch partials buffered before one vectorized merge
+
     def __init__(self, width: int) -> None:
         self.width = width
-        self.count = 0
-        self.mean = torch.zeros(width, dtype=torch.float64)
-        self.m2 = torch.zeros(width, dtype=torch.float64)
+        self._count = 0
+        self._mean = torch.zeros(width, dtype=torch.float64)
+        self._m2 = torch.zeros(width, dtype=torch.float64)
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._scratch: torch.Tensor | None = None
+
+    # Totals, with any buffered batches merged first.
+    @property
+    def count(self) -> int:
+        self._flush()
+        return self._count
+
+    @property
+    def mean(self) -> torch.Tensor:
+        self._flush()
+        return self._mean
+
+    @property
+    def m2(self) -> torch.Tensor:
+        self._flush()
+        return self._m2
 
     def update(self, samples: torch.Tensor) -> Moments:
         """Fold in a ``(samples, width)`` batch."""
-        x = samples.detach().to(torch.float64)
-        n = x.shape[0]
+        return self.update_value(samples, -1)
+
+    def update_value(self, value: torch.Tensor, unit_axis: int) -> Moments:
+        """Fold in a site value of any rank; every index but ``unit_axis`` is a sample.
+
+        The batch's mean and M2 come from the two-pass algorithm (mean, then the sum of squared
+        deviations from it) reduced over the other axes in place, without transposing the
+        activations; then they merge into the float64 totals. The batch pass runs in the
+        activation's precision (float64 stays float64; half precision is upcast to float32):
+        the two-pass form is accurate to a few ulps of that precision, and is 5-10x faster on CPU
+        than Welford's ``var_mean`` or a float64 copy of every activation.
+        """
+        x = value.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        axis = unit_axis % x.dim()
+        dims = tuple(d for d in range(x.dim()) if d != axis)
+        n = x.numel() // max(x.shape[axis], 1)
         if n == 0:
             return self
-        mean = x.mean(0)
-        m2 = (x - mean).square().sum(0)
-        return self._merge(n, mean, m2)
+        if not dims:
+            return self.add_partial(1, x, torch.zeros(x.shape, dtype=x.dtype))
+        mean = x.mean(dims, keepdim=True)
+        buf = self._scratch
+        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype:
+            buf = self._scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
+        m2 = torch.sub(x, mean, out=buf).square_().sum(dims)  # reuse: no new page faults per batch
+        return self.add_partial(n, mean.reshape(-1), m2)
+
+    def add_partial(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> Moments:
+        """Fold in one batch's ``(count, mean, M2)``, e.g. computed inside a model's graph."""
+        if n > 0:
+            self._pending.append((n, mean, m2))
+            if len(self._pending) >= self._FLUSH:
+                self._flush()
+        return self
+
+    def _flush(self) -> None:
+        """Merge buffered batches: the k-way form of Chan's update, vectorized over batches."""
+        if not self._pending:
+            return
+        if self._count == 0 and len(self._pending) == 1:  # nothing to merge with yet
+            n, mean1, m21 = self._pending.pop()
+            self._count, self._mean, self._m2 = n, mean1.to(torch.float64), m21.to(torch.float64)
+            return
+        counts = torch.tensor([float(self._count)] + [float(c) for c, _, _ in self._pending], dtype=torch.float64)
+        means = torch.stack([self._mean] + [m.to(torch.float64) for _, m, _ in self._pending])  # (k, width)
+        m2s = torch.stack([self._m2] + [v.to(torch.float64) for _, _, v in self._pending])
+        self._pending = []
+        total = counts.sum()
+        mean = (counts[:, None] * means).sum(0) / total
+        self._m2 = m2s.sum(0) + (counts[:, None] * (means - mean).square()).sum(0)
+        self._mean = mean
+        self._count = int(total.item())
 
     def merge(self, other: Moments) -> Moments:
         """Fold in another partial result (e.g. from another rank)."""
         if other.width != self.width:
             raise ValueError(f"cannot merge moments of width {other.width} into width {self.width}")
-        return self._merge(other.count, other.mean, other.m2)
-
-    def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> Moments:
-        n_a = self.count
-        if n_b == 0:
-            return self
-        if n_a == 0:
-            self.count, self.mean, self.m2 = n_b, mean_b.clone(), m2_b.clone()
-            return self
-        n = n_a + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta.square() * (n_a * n_b / n)
-        self.count = n
+        if other.count:
+            self._pending.append((other.count, other.mean.clone(), other.m2.clone()))
+            self._flush()
         return self
 
     @property
@@ -84,7 +144,7 @@ class Moments:
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor]) -> Moments:
         m = cls(int(state["mean"].numel()))
-        m.count = int(state["count"].item())
-        m.mean = state["mean"].to(torch.float64).clone()
-        m.m2 = state["m2"].to(torch.float64).clone()
+        m._count = int(state["count"].item())
+        m._mean = state["mean"].to(torch.float64).clone()
+        m._m2 = state["m2"].to(torch.float64).clone()
         return m

@@ -12,8 +12,9 @@ Four verbs (DESIGN §2):
   (``nn.Parameter`` for parameters), embed the plan as the extra file ``cmrtool/plan.json``, and
   ``torch.jit.save`` it atomically.
 
-A consumer without a bias gets one when the graph reads its bias as an attribute (scripted
-modules); a traced graph holds a constant ``None`` there and cannot gain one, so the term is
+A consumer without a bias gets one when the graph reads its bias as an ``Optional[Tensor]``
+attribute (scripted convolutions). A traced graph holds a constant ``None`` there, and a scripted
+``nn.Linear(bias=False)`` types its bias as ``NoneType``; neither can gain a bias, so the term is
 folded into the ``running_mean`` of a BatchNorm right after the consumer instead, and if there
 is none the site is reported with ``fold: none``.
 """
@@ -118,6 +119,7 @@ class TorchScriptModel:
         self.arg_names = [a.name for a in args]
         self.required_args = sum(1 for a in args if not a.has_default_value())
         self._check_eval_graph()
+        self._ranks: dict[tuple[str, tuple[int, ...]], int] = {}
         self.sites: list[Site] = []
         self.rejected: list[Rejection] = []
         self.unsupported: list[str] = []
@@ -132,7 +134,7 @@ class TorchScriptModel:
         except Exception as e:
             raise InputError(
                 f"{self.path} is not a readable TorchScript archive ({_load_problem(self.path, self._bytes, e)})",
-                "cmrtool reads files saved by torch.jit.save; for torch.save/safetensors weights use --arch",
+                "cmrtool reads files saved by torch.jit.save: load the model in Python and run torch.jit.script(model).save(PATH)",
             ) from e
         module.eval()
         text = extra[PLAN_FILE]
@@ -207,7 +209,7 @@ class TorchScriptModel:
                 # A weighted layer we do not know (LSTM, embedding bag, ...): remember its name.
                 for inp in node.inputs():
                     name = self._param_name(inp)
-                    if name is not None and isinstance(self._module_attr(tuple(name.split("."))), torch.Tensor):
+                    if name is not None and _holds_tensors(self._module_attr(tuple(name.split(".")))):
                         module = name.rsplit(".", 1)[0] if "." in name else name
                         label = f"{_short(kind)} ({module})"
                         if label not in self.unsupported:
@@ -290,7 +292,11 @@ class TorchScriptModel:
         reasons: list[str] = []
         if any(c.fold_mode == "none" for c in consumers):
             fold = "none"
-            reasons = [f"consumer {c.module} has no bias, cannot gain one (traced graph), and no BatchNorm follows it" for c in consumers if c.fold_mode == "none"]
+            reasons = [
+                f"consumer {c.module} has no bias, its TorchScript type cannot gain one, and no BatchNorm follows it"
+                for c in consumers
+                if c.fold_mode == "none"
+            ]
         elif any(c.zero_padding for c in consumers):
             fold = "interior-exact"
             reasons = [f"consumer {c.module} pads with zeros: exact in the interior only" for c in consumers if c.zero_padding]
@@ -354,6 +360,9 @@ class TorchScriptModel:
             use = nxt[0]
             node = use.user
         kind = node.kind()
+        if kind == "prim::Return" and node.owningBlock().owningNode() is not None:
+            owner = node.owningBlock().owningNode().kind()
+            return f"its activation leaves a {owner} block: cmrtool cannot follow data-dependent control flow"
         if kind not in _LINEAR_OPS and kind not in _CONV_OPS:
             where = "the model output" if kind in ("prim::Return", "prim::TupleConstruct") else _short(kind)
             return f"its activation feeds {where}, which cannot absorb a replacement (only Linear and Conv consumers can)"
@@ -467,6 +476,47 @@ class TorchScriptModel:
         head, *values = out
         return _logits(head), dict(zip(capture, values))
 
+    def site_rank(self, name: str, inputs: Sequence[torch.Tensor]) -> int:
+        """Number of dims of a site's value for inputs like ``inputs`` (probed once, cached)."""
+        key = (name, tuple(t.dim() for t in inputs))
+        rank = self._ranks.get(key)
+        if rank is None:
+            _, values = self.run([t[:1] for t in inputs], capture=[name])
+            rank = self._ranks[key] = values[name].dim()
+        return rank
+
+    def batch_moments(
+        self, inputs: Sequence[torch.Tensor], sites: Sequence[str]
+    ) -> dict[str, tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per-site ``(samples, mean, M2)`` of one batch, computed inside the graph.
+
+        The two-pass moments ride on the forward pass as extra graph ops, so activations never
+        leave the TorchScript executor (cheaper than capturing them and reducing in Python).
+        """
+        requests = []
+        for name in sites:
+            site = self.site(name)
+            rank = self.site_rank(name, inputs)
+            axis = site.unit_axis % rank
+            requests.append((site.value, tuple(d for d in range(rank) if d != axis)))
+        fn = self.program.function(moments=requests)
+        try:
+            out = fn(*inputs)
+        except RuntimeError as e:
+            raise _input_problem(e, inputs) from e
+        stats = out[1:]
+        result = {}
+        for i, name in enumerate(sites):
+            mean, m2, numel = stats[3 * i : 3 * i + 3]
+            width = self.site(name).width
+            if m2.numel() != width:
+                raise InputError(
+                    f"site {name} produced {m2.numel()} units, expected {width}",
+                    "the model's graph does not match its weights; re-export it",
+                )
+            result[name] = (int(numel) // width, mean.reshape(-1), m2.reshape(-1))
+        return result
+
     # -- writing --------------------------------------------------------------------------------
     def is_parameter(self, name: str) -> bool:
         return name in self._params
@@ -488,6 +538,13 @@ class TorchScriptModel:
             setattr(owner, leaf, value)
         extra = {PLAN_FILE: plan.dumps()}
         write_with(path, lambda tmp: torch.jit.save(module, str(tmp), _extra_files=extra))
+
+
+def _holds_tensors(obj: Any) -> bool:
+    """A weight: a tensor, or a list of tensors (e.g. an LSTM's ``_flat_weights``)."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    return isinstance(obj, (list, tuple)) and bool(obj) and all(isinstance(t, torch.Tensor) for t in obj)
 
 
 def _conv_flags(node: torch._C.Node) -> tuple[bool, int]:
@@ -547,11 +604,11 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def _input_problem(e: RuntimeError, inputs: Sequence[torch.Tensor]) -> InputError:
-    shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+    shapes = ", ".join(f"{tuple(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
     first = str(e).strip().splitlines()
     detail = next((ln.strip() for ln in reversed(first) if ln.strip() and not ln.startswith(" ")), "")
     return InputError(
-        f"the model rejected inputs of shape {shapes}: {detail[:200]}",
+        f"the model rejected inputs with per-sample shape {shapes}: {detail[:200]}",
         "check that the data was prepared for this model (shape, dtype, tensor names)",
     )
 

@@ -168,26 +168,40 @@ class GraphProgram:
 
     # -- derived functions --------------------------------------------------------------------
     def function(
-        self, outputs: Sequence[str] = (), edits: Sequence[str] = (), cuts: Sequence[str] = ()
+        self,
+        outputs: Sequence[str] = (),
+        edits: Sequence[str] = (),
+        cuts: Sequence[str] = (),
+        moments: Sequence[tuple[str, tuple[int, ...]]] = (),
     ) -> Callable[..., Any]:
         """A callable ``f(*inputs, *cut_values, *[mask, fill per edit])``.
 
-        Returns the model's output when ``outputs`` is empty, else a tuple
-        ``(model_output, *values)`` where each value is taken after its edit, if any.
+        Returns the model's output when nothing else is asked for, else a tuple
+        ``(model_output, *values, *[mean, m2, numel per moments request])``.
 
         Args:
-            outputs: value names to return besides the model output.
+            outputs: value names to return besides the model output (after their edit, if any).
             edits: value names ``v`` to replace by ``where(mask, fill, v)``.
             cuts: value names replaced by new inputs; upstream work they made dead is removed.
+            moments: ``(value name, dims)``: return the value's mean over ``dims`` (kept as
+                size-1 dims), the sum of squared deviations from it over ``dims`` (the
+                two-pass form), and its element count, computed inside the graph so the
+                activation never leaves the executor.
         """
-        key = (tuple(outputs), tuple(edits), tuple(cuts))
+        key = (tuple(outputs), tuple(edits), tuple(cuts), tuple((n, tuple(d)) for n, d in moments))
         fn = self._cache.get(key)
         if fn is None:
             fn = self._build(*key)
             self._cache[key] = fn
         return fn
 
-    def _build(self, outputs: tuple[str, ...], edits: tuple[str, ...], cuts: tuple[str, ...]) -> Callable[..., Any]:
+    def _build(
+        self,
+        outputs: tuple[str, ...],
+        edits: tuple[str, ...],
+        cuts: tuple[str, ...],
+        moments: tuple[tuple[str, tuple[int, ...]], ...] = (),
+    ) -> Callable[..., Any]:
         g = self.graph.copy()
         replaced: dict[str, torch._C.Value] = {}
         for name in cuts:
@@ -213,8 +227,18 @@ class GraphProgram:
                 w.node().moveAfter(anchor)
                 v.replaceAllUsesAfterNodeWith(w.node(), w)
             replaced[name] = w
-        if outputs:
-            extra = [replaced.get(name) or self.find(g, name) for name in outputs]
+        extra_stats: list[torch._C.Value] = []
+        for name, dims in moments:
+            v = replaced.get(name) or self.find(g, name)
+            with g.insert_point_guard(g.return_node()):
+                dim_list = g.insertConstant(list(dims))
+                mean = g.insert("aten::mean", [v, dim_list, g.insertConstant(True)])
+                dev = g.insert("aten::sub", [v, mean])
+                m2 = g.insert("aten::sum", [g.insert("aten::mul", [dev, dev]), dim_list, g.insertConstant(False)])
+                numel = g.insert("aten::numel", [v])
+            extra_stats += [mean, m2, numel]
+        if outputs or extra_stats:
+            extra = [replaced.get(name) or self.find(g, name) for name in outputs] + extra_stats
             n_orig = len(list(g.outputs()))
             for v in extra:
                 g.registerOutput(v)
