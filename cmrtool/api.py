@@ -25,13 +25,13 @@ from typing import Any, ContextManager
 
 from cmrtool.errors import UsageError
 
-__all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "ProgressFactory", "default_threads"]
+__all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "verify", "ProgressFactory", "default_threads"]
 
-ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
+ProgressFactory = Callable[..., ContextManager[Callable[[int], None]]]  # (description, total[, unit])
 
 
 @contextlib.contextmanager
-def _no_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+def _no_progress(description: str, total: int, unit: str = "samples") -> Iterator[Callable[[int], None]]:
     yield lambda n: None
 
 
@@ -236,3 +236,42 @@ def compile(
         if check_samples > 0:
             check = list(data.read(0, min(data.n, check_samples)).inputs)
     return compile_model(model, plan, out, check)
+
+
+def verify(
+    original: str | Path,
+    reduced: str | Path,
+    data: str | Path,
+    swaps: int = 2000,
+    p: float = 0.5,
+    seed: int = 0,
+    sites: Sequence[str] | None = None,
+    batch_size: int = 256,
+    min_iia: float | None = None,
+    max_kl: float | None = None,
+    max_fold_error: float | None = None,
+    onnx: str | Path | None = None,
+    progress: ProgressFactory | None = None,
+) -> Any:
+    """Verify a reduced checkpoint against its original (:class:`cmrtool.verify.VerifyReport`).
+
+    The reduced model carries its plan, so only the two models and held-out data are needed.
+    ``report.passed`` is False when a threshold fails (the CLI then exits with code 3).
+    """
+    from cmrtool.data import open_data
+    from cmrtool.io import sha256_file
+    from cmrtool.verify import Thresholds
+    from cmrtool.verify import verify as run_verify
+
+    _single_stdin(original, reduced, data)
+    o = open_model(original)
+    r = open_model(reduced)
+    ds = open_data(data, o)
+    report = run_verify(
+        o, r, ds, swaps=swaps, p=p, seed=seed, sites=sites, batch_size=batch_size,
+        thresholds=Thresholds(min_iia, max_kl, max_fold_error), onnx=None if onnx is None else str(onnx), progress=progress,
+    )
+    report.inputs["data"] = sha256_file(data)
+    if onnx is not None:
+        report.inputs["onnx"] = sha256_file(onnx)
+    return report

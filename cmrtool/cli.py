@@ -37,7 +37,7 @@ app = typer.Typer(
     help=(
         "Reduce trained PyTorch networks by mechanism replacement: score hidden units, replace the "
         "weakest by constants, and fold them exactly into a smaller checkpoint.\n\n"
-        "Pipeline: inspect → score → compile.  Results go to stdout (JSON with --json or when "
+        "Pipeline: inspect → score → compile → verify.  Results go to stdout (JSON with --json or when "
         "piped), logs and progress to stderr.  Exit codes: 0 ok, 1 bad input, 2 bad usage, "
         "3 verification failed.  Set CMRTOOL_DEBUG=1 for tracebacks."
     ),
@@ -45,6 +45,7 @@ app = typer.Typer(
         "cmrtool inspect samples/digits_mlp.pt --calib samples/calib.safetensors",
         "cmrtool score samples/digits_mlp.pt --calib samples/calib.safetensors --json > scores.json",
         "cmrtool compile samples/digits_mlp.pt --calib samples/calib.safetensors --keep 0.5 -o reduced.pt",
+        "cmrtool verify samples/digits_mlp.pt reduced.pt --data samples/eval.safetensors --min-iia 0.5",
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -198,6 +199,45 @@ def compile_(
         batch_size=batch_size, force=force, check_samples=check_samples, progress=out.progress, warn=out.warn,
     )
     out.result(report.to_json(), lambda c: render.compile_table(report, c))
+
+
+@app.command(
+    epilog=_examples(
+        "cmrtool verify model.pt reduced.pt --data heldout.safetensors",
+        "cmrtool verify model.pt reduced.pt --data heldout.safetensors --swaps 2000 --min-iia 0.9 --max-kl 0.5",
+        "cmrtool verify model.pt reduced.pt --data heldout.safetensors --onnx reduced.onnx --json > report.json",
+    )
+)
+def verify(
+    original: Annotated[str, typer.Argument(help="The original TorchScript checkpoint.", show_default=False)],
+    reduced: Annotated[str, typer.Argument(help="The checkpoint cmrtool compile wrote from it (its plan travels inside).", show_default=False)],
+    data: Annotated[str, typer.Option("--data", help="Held-out data ('input' [and 'labels']).", show_default=False)],
+    swaps: Annotated[int, typer.Option("--swaps", help="Interchange interventions per site (and for all sites together).")] = 2000,
+    p: Annotated[float, typer.Option("--p", help="Probability that a retained unit takes the source's activation.")] = 0.5,
+    site: Annotated[Optional[list[str]], typer.Option("--site", help="Verify only this planned site (repeatable). Default: every site of the plan.", show_default=False)] = None,
+    min_iia: Annotated[Optional[float], typer.Option("--min-iia", help="Fail (exit 3) if any site's or the all-sites IIA is below this.", show_default=False)] = None,
+    max_kl: Annotated[Optional[float], typer.Option("--max-kl", help="Fail (exit 3) if any site's or the all-sites interchange KL(low‖high) is above this.", show_default=False)] = None,
+    max_fold_error: Annotated[Optional[float], typer.Option("--max-fold-error", help="Fail (exit 3) if max |R(x) − O_clamped(x)| is above this.", show_default=False)] = None,
+    onnx: Annotated[Optional[str], typer.Option("--onnx", help="An ONNX export of the reduced model: report onnxruntime vs torch max |diff|.", show_default=False)] = None,
+    batch_size: BatchOpt = 256,
+    seed: SeedOpt = 0,
+    json_mode: JsonOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check a reduced model against its original: fold error, plain fidelity, and interchange interventions per site and for all sites (IIA with a 95% interval, KL, D2, the margin certificate). Exit code 3 when a threshold fails."""
+    from cmrtool import api, render
+    from cmrtool.errors import VerificationFailed
+
+    out = _output(json_mode, quiet)
+    _setup(threads)
+    report = api.verify(
+        original, reduced, data, swaps=swaps, p=p, seed=seed, sites=site, batch_size=batch_size,
+        min_iia=min_iia, max_kl=max_kl, max_fold_error=max_fold_error, onnx=onnx, progress=out.progress,
+    )
+    out.result(report.to_json(), lambda c: render.verify_table(report, c))
+    if not report.passed:
+        raise VerificationFailed("verification failed: " + "; ".join(report.failures), "see the report on stdout; relax the thresholds or keep more units")
 
 
 def _version(value: bool) -> None:

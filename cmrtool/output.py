@@ -79,7 +79,7 @@ class Output:
             human(self.out)
 
     @contextlib.contextmanager
-    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    def progress(self, description: str, total: int, unit: str = "samples") -> Iterator[Callable[[int], None]]:
         """Yield ``advance(n)``; draws a bar with ETA on a terminal, a summary line otherwise."""
         start = time.perf_counter()
         if self.quiet or not self.err.is_terminal:
@@ -90,7 +90,7 @@ class Output:
 
             yield advance
             if not self.quiet:
-                self.log(f"{description}: {done[0]} samples in {time.perf_counter() - start:.2f}s")
+                self.log(f"{description}: {done[0]} {unit} in {time.perf_counter() - start:.2f}s")
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -106,4 +106,4 @@ class Output:
         ) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n: bar.advance(task, n)
-        self.log(f"{description}: {total} samples in {time.perf_counter() - start:.2f}s")
+        self.log(f"{description}: {total} {unit} in {time.perf_counter() - start:.2f}s")

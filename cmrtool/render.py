@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cmrtool.output import fmt_float, fmt_int
 
-__all__ = ["inspect_table", "score_table", "compile_table"]
+__all__ = ["inspect_table", "score_table", "compile_table", "verify_table"]
 
 
 def inspect_table(report: Any, console: Console) -> None:
@@ -75,3 +75,41 @@ def compile_table(report: Any, console: Console) -> None:
     for n in doc["notes"]:
         console.print(f"note: {n}", markup=False)
     console.print(f"wrote [bold]{doc['output']}[/]")
+
+
+def verify_table(report: Any, console: Console) -> None:
+    d = report.to_json()
+    if d["passed"]:
+        console.print("[bold green]PASSED[/]" + ("" if any(d["settings"][k] is not None for k in ("min_iia", "max_kl", "max_fold_error")) else " (no thresholds given)"))
+    else:
+        console.print("[bold red]FAILED[/]: " + escape("; ".join(d["failures"])))
+    acc = ""
+    if d["accuracy_original"] is not None:
+        acc = f" · accuracy {d['accuracy_original']:.2%} → {d['accuracy_reduced']:.2%}"
+    console.print(
+        f"fold error {fmt_float(d['fold_error'])} (relative {fmt_float(d['fold_error_relative'])}) · agreement {d['agreement']:.2%}"
+        f" · KL {fmt_float(d['kl'])} · |Δlogit| mean {fmt_float(d['dlogit_mean'])} max {fmt_float(d['dlogit_max'])}{acc}"
+        f" · {d['samples']} samples",
+        markup=False,
+    )
+    t = Table(
+        show_edge=False, header_style="bold",
+        title=f"interchange, {d['settings']['swaps']} swaps per row, p = {d['settings']['p']}; changed = swaps that changed "
+        "the original's prediction (IIA on those); full figures with --json",
+    )
+    t.add_column("site", no_wrap=True)
+    for col in ("kept", "IIA", "95% CI", "KL", "D2", "cert", "changed"):
+        t.add_column(col, justify="right", no_wrap=True)
+    rows = d["sites"] + ([d["all_sites"]] if d["all_sites"] else [])
+    for r in rows:
+        cert = max(r["certificate"], r["certificate_linf"])
+        changed = str(r["changed"]) + ("" if r["iia_changed"] is None else f" ({r['iia_changed']:.2f})")
+        t.add_row(
+            escape(r["name"]), str(r["retained"]), f"{r['iia']:.3f}", f"{r['iia_ci'][0]:.2f}–{r['iia_ci'][1]:.2f}",
+            f"{r['kl']:.3f}", f"{r['d2']:.3g}", f"{cert:.2f}" + ("" if r["certificate_holds"] else "!"), changed,
+        )
+    console.print(t)
+    if d["onnx_max_abs_diff"] is not None:
+        console.print(f"ONNX parity: max |onnxruntime − torch| = {fmt_float(d['onnx_max_abs_diff'])}", markup=False)
+    for n in d["notes"]:
+        console.print(f"note: {n}", markup=False)

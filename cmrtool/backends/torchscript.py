@@ -467,10 +467,7 @@ class TorchScriptModel:
         args: list[Any] = list(inputs)
         for s in edit_names:
             args.extend(edits[s])
-        try:
-            out = fn(*args)
-        except RuntimeError as e:
-            raise _input_problem(e, inputs) from e
+        out = fn(*args)
         if not capture:
             return _logits(out), {}
         head, *values = out
@@ -500,10 +497,7 @@ class TorchScriptModel:
             axis = site.unit_axis % rank
             requests.append((site.value, tuple(d for d in range(rank) if d != axis)))
         fn = self.program.function(moments=requests)
-        try:
-            out = fn(*inputs)
-        except RuntimeError as e:
-            raise _input_problem(e, inputs) from e
+        out = fn(*inputs)
         stats = out[1:]
         result = {}
         for i, name in enumerate(sites):
@@ -516,6 +510,58 @@ class TorchScriptModel:
                 )
             result[name] = (int(numel) // width, mean.reshape(-1), m2.reshape(-1))
         return result
+
+    def site_order(self, names: Sequence[str]) -> list[str]:
+        """``names`` sorted by where their values are computed in the graph."""
+        return sorted(names, key=lambda n: self.program.position(self.site(n).value))
+
+    def downstream(self, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> Downstream | None:
+        """The network after the first of ``names`` as a function of its value (see
+        :class:`Downstream`), or None when the frontier's batch layout cannot be determined.
+
+        Args:
+            names: sites; the first in graph order is cut, the others are edited in-graph.
+            inputs: an example batch (its first two samples probe the frontier's layout).
+        """
+        order = self.site_order(names)
+        first = self.site(order[0])
+        frontier = self.program.frontier(first.value)
+        probe = [torch.cat([t[:1], t[:1]]) for t in inputs]
+        capture = self.program.function(outputs=tuple(frontier))
+        with torch.no_grad():
+            one = capture(*[t[:1] for t in inputs])[1:]
+            two = capture(*probe)[1:]
+        axes: list[tuple[int, int] | None] = []
+        for a, b in zip(one, two):
+            if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() != b.dim():
+                return None
+            diff = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
+            if not diff:
+                if not torch.equal(a, b[: a.shape[0]] if a.shape == b.shape else b):
+                    return None
+                axes.append(None)  # batch-independent: passed as it is
+            elif len(diff) == 1 and b.shape[diff[0]] == 2 * a.shape[diff[0]]:
+                axes.append((diff[0], a.shape[diff[0]]))  # (axis, rows per sample)
+            else:
+                return None
+        return Downstream(self, order, tuple(frontier), tuple(axes))
+
+    def capture_for(
+        self, downstreams: Sequence[Downstream], inputs: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[list[torch.Tensor]]]:
+        """One pass: logits, the clean value of every site the downstreams use, and each
+        downstream's frontier (what interchange interventions need cached per sample)."""
+        names = list(dict.fromkeys(n for ds in downstreams for n in ds.order))
+        handles = [self.site(n).value for n in names]
+        offsets = []
+        for ds in downstreams:
+            offsets.append(len(handles))
+            handles.extend(ds.frontier)
+        fn = self.program.function(outputs=tuple(handles))
+        head, *rest = fn(*inputs)
+        values = dict(zip(names, rest[: len(names)]))
+        frontiers = [list(rest[o : o + len(ds.frontier)]) for o, ds in zip(offsets, downstreams)]
+        return _logits(head), values, frontiers
 
     # -- writing --------------------------------------------------------------------------------
     def is_parameter(self, name: str) -> bool:
@@ -538,6 +584,70 @@ class TorchScriptModel:
             setattr(owner, leaf, value)
         extra = {PLAN_FILE: plan.dumps()}
         write_with(path, lambda tmp: torch.jit.save(module, str(tmp), _extra_files=extra))
+
+
+class Downstream:
+    """The part of a model after its first site, as a function of that site's value.
+
+    ``capture(inputs)`` returns the clean values of every site and the *frontier* (the upstream
+    tensors the rest of the network reads, e.g. a residual stream); ``run`` re-runs only the
+    network after the first site, from a (possibly edited) first-site value and a frontier,
+    with the later sites edited in-graph by ``where(mask, fill, v)``. So an interchange
+    intervention costs a downstream pass, not a full forward pass.
+    """
+
+    def __init__(
+        self, model: TorchScriptModel, order: list[str], frontier: tuple[str, ...], axes: tuple[tuple[int, int] | None, ...]
+    ) -> None:
+        self.model = model
+        self.order = order
+        self.frontier = frontier
+        self.axes = axes
+        program = model.program
+        values = tuple(model.site(n).value for n in order)
+        self._run = program.function(cuts=(values[0],) + frontier, edits=values[1:])
+
+    def capture(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+        """``(logits, {site: clean value}, frontier)`` for a batch."""
+        logits, values, frontiers = self.model.capture_for([self], inputs)
+        return logits, values, frontiers[0]
+
+    def select(self, frontier: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        """The frontier of the samples ``index`` (per-sample rows gathered along each batch axis)."""
+        out = []
+        for t, ax in zip(frontier, self.axes):
+            if ax is None:
+                out.append(t)
+                continue
+            axis, rows = ax
+            per = t.unflatten(axis, (-1, rows)).index_select(axis, index)
+            out.append(per.flatten(axis, axis + 1))
+        return out
+
+    def concat(self, parts: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """Frontiers of consecutive batches joined along their batch axes."""
+        return [
+            part[0] if ax is None else torch.cat(list(part), dim=ax[0])
+            for part, ax in zip(zip(*parts), self.axes)
+        ]
+
+    def run(
+        self,
+        inputs: Sequence[torch.Tensor],
+        first: torch.Tensor,
+        frontier: Sequence[torch.Tensor],
+        edits: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Logits from the first site's value on: later sites edited by ``edits``."""
+        args: list[Any] = [*inputs, first, *frontier]
+        for name in self.order[1:]:
+            mask, fill = (edits or {}).get(name, (_NO_EDIT, _NO_EDIT_FILL))
+            args.extend((mask, fill))
+        return _logits(self._run(*args))
+
+
+_NO_EDIT = torch.zeros((), dtype=torch.bool)
+_NO_EDIT_FILL = torch.zeros(())
 
 
 def _holds_tensors(obj: Any) -> bool:
@@ -600,16 +710,6 @@ def _logits(out: Any) -> torch.Tensor:
     raise UnsupportedModelError(
         f"the model returns {type(out).__name__}, not logits",
         "cmrtool needs a model whose forward returns a logits tensor (or a tuple starting with one)",
-    )
-
-
-def _input_problem(e: RuntimeError, inputs: Sequence[torch.Tensor]) -> InputError:
-    shapes = ", ".join(f"{tuple(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
-    first = str(e).strip().splitlines()
-    detail = next((ln.strip() for ln in reversed(first) if ln.strip() and not ln.startswith(" ")), "")
-    return InputError(
-        f"the model rejected inputs with per-sample shape {shapes}: {detail[:200]}",
-        "check that the data was prepared for this model (shape, dtype, tensor names)",
     )
 
 

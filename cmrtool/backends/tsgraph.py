@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from cmrtool.errors import InputError
+
 __all__ = [
     "GraphProgram",
     "attr_path",
@@ -37,6 +39,7 @@ __all__ = [
     "const_value",
     "real_uses",
     "SHAPE_ONLY_OPS",
+    "input_problem",
 ]
 
 # Uses that read only metadata (shape, rank, dtype), never the values: they do not consume units.
@@ -56,6 +59,7 @@ SHAPE_ONLY_OPS = frozenset(
 )
 
 _SCALAR_KINDS = frozenset({"BoolType", "IntType", "FloatType", "StringType", "NoneType"})
+OPTIMIZE = False
 
 
 def iter_nodes(block: Any) -> Iterator[torch._C.Node]:
@@ -64,6 +68,28 @@ def iter_nodes(block: Any) -> Iterator[torch._C.Node]:
         yield node
         for sub in node.blocks():
             yield from iter_nodes(sub)
+
+
+def input_problem(e: RuntimeError, inputs: Sequence[torch.Tensor]) -> InputError:
+    shapes = ", ".join(f"{tuple(t.shape[1:])} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+    first = str(e).strip().splitlines()
+    detail = next((ln.strip() for ln in reversed(first) if ln.strip() and not ln.startswith(" ")), "")
+    return InputError(
+        f"the model rejected inputs with per-sample shape {shapes}: {detail[:200]}",
+        "check that the data was prepared for this model (shape, dtype, tensor names)",
+    )
+
+
+def _reads(node: torch._C.Node) -> list[torch._C.Value]:
+    """Values a node reads: its inputs and what its sub-blocks use from outside them."""
+    values = list(node.inputs())
+    for block in node.blocks():
+        inner = {o.unique() for n in iter_nodes(block) for o in n.outputs()}
+        inner.update(p.unique() for p in block.inputs())
+        for n in iter_nodes(block):
+            values.extend(i for i in n.inputs() if i.unique() not in inner)
+        values.extend(o for o in block.outputs() if o.unique() not in inner)
+    return values
 
 
 def attr_path(value: torch._C.Value, self_value: torch._C.Value) -> tuple[str, ...] | None:
@@ -141,18 +167,61 @@ class GraphProgram:
         self.graph = graph
         self.self_value = next(iter(graph.inputs()))
         self._cache: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        self._frontiers: dict[str, list[str]] = {}
+        self._positions: dict[str, int] = {}
+        self._locations: dict[str, tuple[int, int]] = {}
+        self._index: dict[int, dict[str, torch._C.Value]] = {}
         self._counter = 0
 
     # -- addressing ---------------------------------------------------------------------------
     def find(self, graph: torch._C.Graph, name: str) -> torch._C.Value:
-        for v in graph.inputs():
-            if v.debugName() == name:
-                return v
-        for node in iter_nodes(graph):
-            for v in node.outputs():
-                if v.debugName() == name:
-                    return v
-        raise KeyError(name)
+        """The value called ``name`` in ``graph`` (the prepared graph or a copy of it)."""
+        index = self._index.get(id(graph)) if graph is self.graph else None
+        if index is None:
+            index = {v.debugName(): v for v in graph.inputs()}
+            for node in iter_nodes(graph):
+                for v in node.outputs():
+                    index.setdefault(v.debugName(), v)
+            if graph is self.graph:
+                self._index = {id(graph): index}
+        try:
+            return index[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    def _finder(self, graph: torch._C.Graph) -> Callable[[str], torch._C.Value]:
+        """A name → value lookup over a copy of the prepared graph.
+
+        Copies keep node order, so a top-level value is found by its (node index, output index)
+        in the prepared graph without walking the copy; anything else falls back to a search.
+        """
+        if not self._locations:
+            self._locations = {v.debugName(): (-1, i) for i, v in enumerate(self.graph.inputs())}
+            for n, node in enumerate(self.graph.nodes()):
+                for k, v in enumerate(node.outputs()):
+                    self._locations.setdefault(v.debugName(), (n, k))
+        nodes: list[torch._C.Node] = []
+
+        def find(name: str) -> torch._C.Value:
+            loc = self._locations.get(name)
+            if loc is None:
+                return self.find(graph, name)
+            n, k = loc
+            if n < 0:
+                return list(graph.inputs())[k]
+            if not nodes:
+                nodes.extend(graph.nodes())
+            return nodes[n].outputsAt(k)
+
+        return find
+
+    def position(self, name: str) -> int:
+        """Index of the top-level node that computes value ``name`` (graph order)."""
+        if not self._positions:
+            for i, node in enumerate(self.graph.nodes()):
+                for o in node.outputs():
+                    self._positions[o.debugName()] = i
+        return self._positions.get(name, 0)
 
     def handle(self, value: torch._C.Value) -> str:
         """A name for ``value`` that survives ``Graph.copy`` (numeric debug names are renumbered)."""
@@ -161,7 +230,43 @@ class GraphProgram:
             self._counter += 1
             name = f"cmrtool_v{self._counter}"
             value.setDebugName(name)
+            self._index.clear()
+            self._positions.clear()
+            self._locations.clear()
         return name
+
+    def frontier(self, name: str) -> list[str]:
+        """Upstream tensors the part of the graph after value ``name`` reads (besides ``name``).
+
+        The downstream part D is every top-level node that uses ``name`` or a value of D
+        (also inside its sub-blocks). Its frontier is every tensor D reads that D does not
+        produce, other than graph inputs, constants and module attributes: for a residual
+        block, the residual stream. Cutting at ``[name, *frontier]`` leaves only D to run.
+        """
+        if name in self._frontiers:
+            return list(self._frontiers[name])
+        g = self.graph
+        v = self.find(g, name)
+        down = {v.unique()}
+        nodes = []
+        for node in g.nodes():
+            if any(i.unique() in down for i in _reads(node)):
+                nodes.append(node)
+                down.update(o.unique() for o in node.outputs())
+        inputs = {i.unique() for i in g.inputs()}
+        found: list[str] = []
+        seen: set[int] = set()
+        for node in nodes:
+            for i in _reads(node):
+                u = i.unique()
+                if u in down or u in seen or u in inputs or i.type().kind() != "TensorType":
+                    continue
+                if i.node().kind() in ("prim::Constant", "prim::GetAttr"):
+                    continue
+                seen.add(u)
+                found.append(self.handle(i))
+        self._frontiers[name] = found
+        return list(found)
 
     def path_of(self, value: torch._C.Value) -> tuple[str, ...] | None:
         return attr_path(value, self.self_value)
@@ -203,15 +308,16 @@ class GraphProgram:
         moments: tuple[tuple[str, tuple[int, ...]], ...] = (),
     ) -> Callable[..., Any]:
         g = self.graph.copy()
+        find = self._finder(g)
         replaced: dict[str, torch._C.Value] = {}
         for name in cuts:
-            v = self.find(g, name)
+            v = find(name)
             new = g.addInput(f"cut_{len(replaced)}")
             new.setType(v.type())
             v.replaceAllUsesWith(new)
             replaced[name] = new
         for i, name in enumerate(edits):
-            v = replaced.get(name) or self.find(g, name)
+            v = replaced.get(name) or find(name)
             mask = g.addInput(f"mask_{i}")
             fill = g.addInput(f"fill_{i}")
             anchor = v.node() if v.node().kind() != "prim::Param" else None
@@ -229,7 +335,7 @@ class GraphProgram:
             replaced[name] = w
         extra_stats: list[torch._C.Value] = []
         for name, dims in moments:
-            v = replaced.get(name) or self.find(g, name)
+            v = replaced.get(name) or find(name)
             with g.insert_point_guard(g.return_node()):
                 dim_list = g.insertConstant(list(dims))
                 mean = g.insert("aten::mean", [v, dim_list, g.insertConstant(True)])
@@ -238,7 +344,7 @@ class GraphProgram:
                 numel = g.insert("aten::numel", [v])
             extra_stats += [mean, m2, numel]
         if outputs or extra_stats:
-            extra = [replaced.get(name) or self.find(g, name) for name in outputs] + extra_stats
+            extra = [replaced.get(name) or find(name) for name in outputs] + extra_stats
             n_orig = len(list(g.outputs()))
             for v in extra:
                 g.registerOutput(v)
@@ -252,7 +358,13 @@ class GraphProgram:
         fn = torch._C._create_function_from_graph(f"cmrtool_fn_{self._counter}", g)
         owner = self.module._c
 
+        n_inputs = len(list(self.graph.inputs())) - 1  # the model's own arguments (minus self)
+
         def call(*args: Any) -> Any:
-            return fn(owner, *args)
+            try:
+                with torch.jit.optimized_execution(OPTIMIZE):
+                    return fn(owner, *args)
+            except RuntimeError as e:  # the interpreter rejected these tensors
+                raise input_problem(e, [a for a in args[:n_inputs] if isinstance(a, torch.Tensor)]) from e
 
         return call
