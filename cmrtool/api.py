@@ -131,21 +131,28 @@ def score(
     batch_size: int = 256,
     limit: int | None = None,
     progress: ProgressFactory | None = None,
+    curvature: str = "auto",
+    parents: int = 8,
+    ridge: float = 1e-3,
+    loss: str = "auto",
 ) -> Any:
     """Score every unit of the selected sites (:class:`cmrtool.scoring.ScoreReport`)."""
     from cmrtool.criteria import get_criterion
     from cmrtool.data import open_data
     from cmrtool.scoring import score_model, select_sites
+    from cmrtool.sensitivity import check_curvature, check_loss
 
     _single_stdin(path, calib)
     get_criterion(criterion)
+    check_curvature(curvature)
+    check_loss(loss)
     model = open_model(path)
     model.require_sites()
     chosen = select_sites(model.sites, sites, kinds)
     data = open_data(calib, model)
     n = data.n if limit is None else min(data.n, limit)
     with (progress or _no_progress)(f"scoring ({criterion})", n) as advance:
-        return score_model(model, data, criterion, chosen, seed, batch_size, advance, limit)
+        return score_model(model, data, criterion, chosen, seed, batch_size, advance, limit, curvature, parents, ridge, loss=loss)
 
 
 def compile(
@@ -166,20 +173,37 @@ def compile(
     check_samples: int = 256,
     progress: ProgressFactory | None = None,
     warn: Callable[[str], None] | None = None,
+    allocation: str = "site",
+    schedule: int = 1,
+    joint_refit: bool = False,
+    parents: int = 8,
+    ridge: float = 1e-3,
+    curvature: str = "auto",
+    loss: str = "auto",
 ) -> Any:
     """Reduce a model and write the smaller checkpoint (:class:`cmrtool.compile.CompileReport`).
 
     Scores come from ``scores`` (a :class:`~cmrtool.scoring.ScoreReport`, or the path of a
     ``score --json`` document, ``-`` for stdin) or are computed on ``calib``. With ``calib`` the
     written model's fold error is measured on its first ``check_samples`` samples.
+
+    Args beyond the selection options:
+        replacement: ``auto`` (the criterion's), ``mean``, ``zero``, ``optimal`` or ``affine``.
+        allocation: ``site`` or ``global`` (rank all sites' units together).
+        schedule: re-score after each of this many steps towards ``keep`` (iterative reduction).
+        joint_refit: fit each site's constants jointly under the full curvature of the logits.
+        parents, ridge: affine replacements: parents per unit and relative ridge.
+        curvature: ``auto``, ``exact`` or ``sampled`` Gauss-Newton curvature.
+        loss: ``auto`` (cross-entropy with labels, else KL to the model's prediction), ``ce``, ``kl``.
     """
-    from cmrtool.compile import compile_model, make_plan
+    from cmrtool.compile import check_allocation, compile_model
     from cmrtool.criteria import REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
     from cmrtool.errors import InputError
     from cmrtool.io import check_output_path, read_bytes
-    from cmrtool.scoring import ScoreReport, score_model, select_sites
+    from cmrtool.scoring import ScoreReport, select_sites
     from cmrtool.selection import kept_width, validate_keep
+    from cmrtool.sensitivity import check_curvature, check_loss
 
     # Validate everything cheap before loading anything.
     validate_keep(keep, keep_count, round_to)
@@ -187,9 +211,18 @@ def compile(
         raise UsageError("compile needs --keep or --keep-count", "e.g. --keep 0.5 keeps half the units of each site")
     if replacement not in REPLACEMENT_MODES:
         raise UsageError(f"unknown replacement '{replacement}'", f"choose one of: {', '.join(REPLACEMENT_MODES)}")
+    check_curvature(curvature)
+    check_loss(loss)
+    if schedule < 1:
+        raise UsageError(f"--schedule must be at least 1, got {schedule}", "e.g. --schedule 4 re-scores after each of 4 steps")
     score_path = scores if isinstance(scores, (str, Path)) else None
     if scores is None and calib is None:
         raise UsageError("compile needs --calib (to score) or --scores (from cmrtool score --json)", "e.g. cmrtool compile model.pt --calib calib.safetensors --keep 0.5 -o reduced.pt")
+    if calib is None and (joint_refit or schedule > 1 or replacement == "affine"):
+        what = "--joint-refit" if joint_refit else "--schedule" if schedule > 1 else "--replacement affine"
+        raise UsageError(f"{what} needs calibration data", "pass --calib")
+    if scores is not None and schedule > 1:
+        raise UsageError("--schedule re-scores the model after every step, so it cannot start from --scores", "drop --scores and pass --calib")
     if scores is None:
         get_criterion(criterion)
     _single_stdin(path, calib, score_path)
@@ -211,10 +244,13 @@ def compile(
     chosen = [s for s in chosen if s.foldable]
     if not chosen:
         raise InputError("none of the selected sites can be folded", "see cmrtool inspect for fold kinds and reasons")
-    for s in chosen:  # keep-count against every width, before any scoring
-        kept_width(s.name, s.width, keep, keep_count, round_to)
+    if allocation == "site":
+        for s in chosen:  # keep-count against every width, before any scoring
+            kept_width(s.name, s.width, keep, keep_count, round_to)
+    check_allocation(allocation, criterion if scores is None else _criterion_of(scores, read_bytes), chosen)
 
     data = open_data(calib, model) if calib is not None else None
+    report = None
     if isinstance(scores, (str, Path)):
         report = ScoreReport.loads(read_bytes(scores))
         if report.source_sha256 and report.source_sha256 != model.sha256:
@@ -224,11 +260,12 @@ def compile(
             )
     elif scores is not None:
         report = scores
-    else:
-        assert data is not None
-        with (progress or _no_progress)(f"scoring ({criterion})", data.n) as advance:
-            report = score_model(model, data, criterion, chosen, seed, batch_size, advance)
-    plan = dataclasses.replace(make_plan(report, chosen, keep, keep_count, round_to, replacement), source_sha256=model.sha256)
+    options = dict(criterion=criterion, replacement=replacement, allocation=allocation, joint_refit=joint_refit,
+                   parents=parents, ridge=ridge, curvature=curvature, seed=seed, batch_size=batch_size, loss=loss)
+    from cmrtool.reduce import plan_reduction
+
+    plan = plan_reduction(model, data, chosen, report, keep, keep_count, round_to, schedule, progress or _no_progress, **options)
+    plan = dataclasses.replace(plan, source_sha256=model.sha256)
     check = None
     if data is not None:
         shapes = [list(s) for s in data.input_shapes().values()]
@@ -236,6 +273,14 @@ def compile(
         if check_samples > 0:
             check = list(data.read(0, min(data.n, check_samples)).inputs)
     return compile_model(model, plan, out, check)
+
+
+def _criterion_of(scores: Any, read: Callable[[Any], bytes]) -> str:
+    from cmrtool.scoring import ScoreReport
+
+    if isinstance(scores, (str, Path)):
+        return str(ScoreReport.loads(read(scores)).criterion)
+    return str(scores.criterion)
 
 
 def verify(

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cmrtool import __version__
-from cmrtool.criteria import DEFAULT_CRITERION, REGISTRY, REPLACEMENT_MODES
+from cmrtool.criteria import ALLOCATIONS, DEFAULT_CRITERION, REGISTRY, REPLACEMENT_MODES
 from cmrtool.errors import CmrError
 
 __all__ = ["app", "main"]
@@ -66,6 +66,10 @@ CriterionOpt = Annotated[str, typer.Option("--criterion", "-c", help=f"Scoring c
 KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Fraction of each site's units to keep, in (0, 1].", show_default=False)]
 KeepCountOpt = Annotated[Optional[int], typer.Option("--keep-count", help="Number of units to keep per site (instead of --keep).", show_default=False)]
 RoundOpt = Annotated[Optional[int], typer.Option("--round-to", help="Keep a multiple of N units per site (GPU-friendly widths).", show_default=False)]
+CurvatureOpt = Annotated[str, typer.Option("--curvature", help="Gauss-Newton curvature for cmr-const, cmr-affine, optimal constants and joint refits: auto (closed form for sites feeding the logits, else one sampled draw per sample), exact (one backward pass per class), sampled.")]
+ParentsOpt = Annotated[int, typer.Option("--parents", help="Affine replacements: kept parent units per replaced unit (the most correlated).")]
+LossOpt = Annotated[str, typer.Option("--loss", help="Loss for gradients and curvature: auto (cross-entropy on the data's labels, else KL to the model's own prediction), ce, kl.")]
+RidgeOpt = Annotated[float, typer.Option("--ridge", help="Affine replacements and peer R²: ridge, relative to the mean unit variance.")]
 
 
 def _output(json_mode: bool | None, quiet: bool) -> Any:
@@ -127,6 +131,10 @@ def score(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write the JSON document to this file.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use at most this many calibration samples.", show_default=False)] = None,
+    curvature: CurvatureOpt = "auto",
+    loss: LossOpt = "auto",
+    parents: ParentsOpt = 8,
+    ridge: RidgeOpt = 1e-3,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     json_mode: JsonOpt = None,
@@ -147,7 +155,7 @@ def score(
     if output is not None:
         check_output_path(output, [model, calib], force)
     _setup(threads)
-    report = api.score(model, calib, criterion, site, kind, seed, batch_size, limit, out.progress)
+    report = api.score(model, calib, criterion, site, kind, seed, batch_size, limit, out.progress, curvature, parents, ridge, loss)
     doc = report.to_json()
     if keep is not None or keep_count is not None:
         for s in doc["sites"]:
@@ -177,7 +185,14 @@ def compile_(
     keep_count: KeepCountOpt = None,
     round_to: RoundOpt = None,
     criterion: CriterionOpt = DEFAULT_CRITERION,
-    replacement: Annotated[str, typer.Option("--replacement", help=f"What replaced units become: {', '.join(REPLACEMENT_MODES)} (auto = the criterion's choice; zero = delete without folding).")] = "auto",
+    replacement: Annotated[str, typer.Option("--replacement", help=f"What replaced units become: {', '.join(REPLACEMENT_MODES)} (auto = the criterion's choice; zero = delete without folding; optimal = c* of the loss proxy; affine = a ridge fit on kept parent units).")] = "auto",
+    allocation: Annotated[str, typer.Option("--allocation", help=f"{' or '.join(ALLOCATIONS)}: keep the fraction per site, or rank all sites' units together (criteria on a common scale: cmr-const, gndi, cmr-logit on sites feeding the logits).")] = "site",
+    schedule: Annotated[int, typer.Option("--schedule", help="Reduce in K steps, re-scoring the partly reduced model after each (iterative recomputation).")] = 1,
+    joint_refit: Annotated[bool, typer.Option("--joint-refit", help="Refit each site's constants jointly under the full curvature of the logits.")] = False,
+    parents: ParentsOpt = 8,
+    ridge: RidgeOpt = 1e-3,
+    curvature: CurvatureOpt = "auto",
+    loss: LossOpt = "auto",
     site: SiteOpt = None,
     kind: KindOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists (never an input).")] = False,
@@ -197,6 +212,8 @@ def compile_(
         model, output, calib=calib, scores=scores, criterion=criterion, sites=site, kinds=kind,
         keep=keep, keep_count=keep_count, round_to=round_to, replacement=replacement, seed=seed,
         batch_size=batch_size, force=force, check_samples=check_samples, progress=out.progress, warn=out.warn,
+        allocation=allocation, schedule=schedule, joint_refit=joint_refit, parents=parents, ridge=ridge, curvature=curvature,
+        loss=loss,
     )
     out.result(report.to_json(), lambda c: render.compile_table(report, c))
 

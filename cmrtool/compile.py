@@ -14,6 +14,7 @@ into place; an exact site whose fold error exceeds float rounding aborts the com
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cmrtool.criteria import REPLACEMENT_MODES
+from cmrtool.criteria import ALLOCATIONS, REGISTRY, REPLACEMENT_MODES, get_criterion
 from cmrtool.errors import CmrError, InputError, UsageError
 from cmrtool.fold import fold
 from cmrtool.io import atomic_write
@@ -30,11 +31,60 @@ from cmrtool.scoring import ScoreReport
 from cmrtool.selection import choose_kept, kept_width, validate_keep
 from cmrtool.sites import Site
 
-__all__ = ["REPLACEMENTS", "make_plan", "clamp_edits", "fold_error", "CompileReport", "compile_model"]
+__all__ = ["REPLACEMENTS", "make_plan", "with_affine", "with_constants", "compose", "check_allocation", "clamp_edits", "fold_error", "CompileReport", "compile_model"]
 
 REPLACEMENTS = REPLACEMENT_MODES
 # Relative tolerance for "equal to float rounding" per dtype (max |Δ| / max |logit|).
 _ROUNDING = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def _global_counts(
+    scores: ScoreReport, sites: Sequence[Site], keep: float | None, keep_count: int | None, round_to: int | None
+) -> dict[str, int]:
+    """Kept units per site when all sites' units are ranked together (``--allocation global``).
+
+    ``--keep`` is then a fraction of all units, ``--keep-count`` a total; every site keeps at
+    least one unit (and ``--round-to`` multiples).
+    """
+    total = sum(s.width for s in sites)
+    k = keep_count if keep_count is not None else max(len(sites), int(round((1.0 if keep is None else keep) * total)))
+    if k >= total:
+        raise UsageError(f"--keep-count {k} is not below the {total} units of the selected sites", "use a smaller --keep-count")
+    ranked = []
+    for s in sites:
+        for j, v in enumerate(scores.site(s.name).scores):
+            ranked.append((-v, s.name, j))
+    ranked.sort()
+    counts = {s.name: 0 for s in sites}
+    for _, name, _ in ranked[:k]:
+        counts[name] += 1
+    out = {}
+    for s in sites:
+        c = max(1, counts[s.name])
+        if round_to is not None and round_to > 1:
+            c = min(s.width, max(round_to, int(round(c / round_to)) * round_to))
+        out[s.name] = c
+    return out
+
+
+def check_allocation(allocation: str, criterion: str, sites: Sequence[Site]) -> None:
+    """``--allocation global`` ranks units of different sites together: only criteria whose
+    scores are on a common scale across sites qualify (DESIGN §3.3)."""
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"unknown allocation '{allocation}'", f"choose one of: {', '.join(ALLOCATIONS)}")
+    if allocation == "site":
+        return
+    crit = get_criterion(criterion)
+    if crit.shares_units:
+        return
+    if criterion == "cmr-logit" and all(s.feeds_logits for s in sites):
+        return
+    shared = sorted(n for n, c in REGISTRY.items() if c.shares_units)
+    raise UsageError(
+        f"--allocation global needs scores on a common scale across sites; {criterion} scores are per site"
+        + (" (cmr-logit qualifies only when every selected site feeds the logits)" if criterion == "cmr-logit" else ""),
+        f"use --allocation site, or a criterion that shares units: {', '.join(shared)}",
+    )
 
 
 def make_plan(
@@ -44,21 +94,28 @@ def make_plan(
     keep_count: int | None = None,
     round_to: int | None = None,
     replacement: str = "auto",
+    allocation: str = "site",
+    counts: dict[str, int] | None = None,
 ) -> Plan:
-    """Choose kept units per site and their replacements.
+    """Choose kept units per site and their (constant) replacements.
 
     Args:
         scores: the output of :func:`cmrtool.scoring.score_model` (or ``score --json``).
         sites: the sites to reduce; each must be in ``scores``.
-        keep: fraction of each site's units to keep.
-        keep_count: number of units to keep per site (instead of ``keep``).
+        keep: fraction of each site's units to keep (of all units with ``allocation="global"``).
+        keep_count: number of units to keep per site (in total with ``allocation="global"``).
         round_to: keep a multiple of this many units.
-        replacement: ``auto`` (the criterion's), ``mean`` or ``zero``.
+        replacement: ``auto`` (the criterion's), ``mean``, ``zero``, ``optimal`` (c* of eq. (7),
+            needs curvature in the scores). ``affine`` is fitted afterwards by
+            :func:`cmrtool.affine.fit_affine` (the plan then holds the means as placeholders).
+        allocation: ``site`` (each site keeps its share) or ``global``.
+        counts: explicit kept units per site (overrides keep/keep_count; used by schedules).
     """
-    validate_keep(keep, keep_count, round_to)
+    if counts is None:
+        validate_keep(keep, keep_count, round_to)
     if replacement not in REPLACEMENTS:
         raise UsageError(f"unknown replacement '{replacement}'", f"choose one of: {', '.join(REPLACEMENTS)}")
-    plans: list[SitePlan] = []
+    check_allocation(allocation, scores.criterion, sites)
     for site in sites:
         try:
             ss = scores.site(site.name)
@@ -69,15 +126,30 @@ def make_plan(
             ) from None
         if ss.width != site.width:
             raise InputError(f"scores for site {site.name} have width {ss.width}, the model has {site.width}", "the scores were made for another model")
-        k = kept_width(site.name, site.width, keep, keep_count, round_to)
-        kept, replaced = choose_kept(torch.tensor(ss.scores, dtype=torch.float64), k)
-        source = {"auto": ss.replacement, "mean": ss.mean, "zero": (0.0,) * site.width}[replacement]
+        if replacement == "optimal" and ss.optimal is None:
+            raise UsageError(
+                "--replacement optimal needs the curvature of the loss, which these scores do not have",
+                "score with -c cmr-const, or compile with --calib so cmrtool gathers it",
+            )
+    if counts is None:
+        counts = _global_counts(scores, sites, keep, keep_count, round_to) if allocation == "global" else {
+            s.name: kept_width(s.name, s.width, keep, keep_count, round_to) for s in sites
+        }
+    plans: list[SitePlan] = []
+    for site in sites:
+        ss = scores.site(site.name)
+        kept, replaced = choose_kept(torch.tensor(ss.scores, dtype=torch.float64), counts[site.name])
+        source = {
+            "auto": ss.replacement, "mean": ss.mean, "zero": (0.0,) * site.width, "optimal": ss.optimal, "affine": ss.mean,
+        }[replacement]
+        assert source is not None
         values = tuple(float(source[j]) for j in replaced)
         plans.append(SitePlan(site.name, site.kind, site.width, kept, replaced, Replacement("constant", values)))
     settings = (
         ("keep", keep),
         ("keep_count", keep_count),
         ("round_to", round_to),
+        ("allocation", allocation if allocation != "site" else None),
     )
     return Plan(
         source_sha256=scores.source_sha256,
@@ -87,6 +159,55 @@ def make_plan(
         seed=scores.seed,
         settings=tuple((k, v) for k, v in settings if v is not None),
     )
+
+
+def with_affine(plan: Plan, fits: dict[str, tuple[list[float], list[tuple[int, ...]], list[list[float]]]]) -> Plan:
+    """``plan`` with the affine replacements of :func:`cmrtool.affine.fit_affine`."""
+    sites = []
+    for sp in plan.sites:
+        if sp.name not in fits or not sp.replaced:
+            sites.append(sp)
+            continue
+        b0, parents, coefs = fits[sp.name]
+        repl = Replacement("affine", tuple(b0), tuple(tuple(p) for p in parents), tuple(tuple(c) for c in coefs))
+        sites.append(SitePlan(sp.name, sp.kind, sp.width, sp.kept, sp.replaced, repl))
+    return dataclasses.replace(plan, sites=tuple(sites))
+
+
+def with_constants(plan: Plan, constants: dict[str, list[float]]) -> Plan:
+    """``plan`` with the replaced units' constants of some sites replaced (joint refit)."""
+    sites = []
+    for sp in plan.sites:
+        if sp.name in constants:
+            sp = SitePlan(sp.name, sp.kind, sp.width, sp.kept, sp.replaced, Replacement("constant", tuple(constants[sp.name])))
+        sites.append(sp)
+    return dataclasses.replace(plan, sites=tuple(sites))
+
+
+def compose(first: Plan, second: Plan) -> Plan:
+    """The plan equal to applying ``first`` then ``second`` (indexed in ``first``'s kept units).
+
+    Constant replacements compose: folding both at once gives the same biases as folding them
+    one after the other (Proposition 1 is linear in the folded constants).
+    """
+    sites = []
+    for a in first.sites:
+        try:
+            b = second.site(a.name)
+        except KeyError:
+            sites.append(a)
+            continue
+        if a.replacement.kind != "constant" or b.replacement.kind != "constant":
+            raise UsageError("--schedule composes constant replacements only", "drop --schedule, or use a constant replacement")
+        mapped = [a.kept[i] for i in b.replaced]
+        values = dict(zip(a.replaced, a.replacement.values))
+        values.update(zip(mapped, b.replacement.values))
+        kept = tuple(a.kept[i] for i in b.kept)
+        replaced = tuple(sorted(values))
+        sites.append(SitePlan(a.name, a.kind, a.width, kept, replaced, Replacement("constant", tuple(values[j] for j in replaced))))
+    named = {sp.name for sp in first.sites}
+    sites.extend(b for b in second.sites if b.name not in named)  # first step left these alone
+    return dataclasses.replace(first, sites=tuple(sites))
 
 
 def _unit_shape(site: Site, rank: int) -> tuple[int, ...]:
@@ -108,11 +229,14 @@ def clamp_edits(
         dtype: dtype of the fill values (the model's).
     """
     dtype = dtype or model.dtype
-    edits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    edits: dict[str, tuple[torch.Tensor, ...]] = {}
     for sp in plan.sites:
         if not sp.replaced:
             continue
         site = model.site(sp.name)
+        if sp.replacement.kind == "affine":
+            edits[sp.name] = _affine_map(sp, ranks[sp.name], site.kind, dtype)
+            continue
         mask = torch.zeros(site.width, dtype=torch.bool)
         fill = torch.zeros(site.width, dtype=dtype)
         idx = torch.as_tensor(sp.replaced, dtype=torch.long)
@@ -121,6 +245,21 @@ def clamp_edits(
         shape = _unit_shape(site, ranks[sp.name])
         edits[sp.name] = (mask.reshape(shape), fill.reshape(shape))
     return edits
+
+
+def _affine_map(sp: SitePlan, rank: int, kind: str, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """``("map", Mᵀ, c)``: kept units map to themselves, replaced unit j to ``β0 + β·a_P``."""
+    w = sp.width
+    m = torch.eye(w, dtype=torch.float64)  # rows: output unit, columns: input unit
+    c = torch.zeros(w, dtype=torch.float64)
+    r = sp.replacement
+    for j, b0, parents, coefs in zip(sp.replaced, r.values, r.parents, r.coefficients):
+        m[j] = 0.0
+        for p, beta in zip(parents, coefs):
+            m[j, p] = beta
+        c[j] = b0
+    shape = (w,) + (1,) * max(rank - 2, 0) if kind == "channel" else (w,)
+    return ("map", m.T.contiguous().to(dtype), c.reshape(shape).to(dtype))
 
 
 def site_ranks(model: Any, inputs: Sequence[torch.Tensor], names: Sequence[str]) -> dict[str, int]:

@@ -10,6 +10,8 @@ For each site with kept units K and replaced units S with constants c_S (DESIGN 
       bias:    b' = b + d      new-bias: b' = d      bn-mean: running_mean' = running_mean − d
 
   (BatchNorm in eval computes (y − μ)/σ·γ + β, so y + d is absorbed by μ' = μ − d.)
+- an **affine** replacement ``a_j = β0 + β·a_P`` (P kept) also moves unit j's columns onto its
+  parents' columns, ``W'[:, P] += W[:, j] β_Pᵀ``, and folds β0 like a constant;
 - every **producer** keeps only the rows/out-channels/BatchNorm entries of K.
 
 All folds are computed in the original index space first (so a bias that is both a fold target
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,6 +72,22 @@ def _strided_values(cols: torch.Tensor, width: int, replaced: Sequence[int], val
     return torch.tensor([lookup[int(c) % width] for c in cols], dtype=torch.float64)
 
 
+def _fold_affine_columns(current: torch.Tensor, original: torch.Tensor, consumer: Consumer, width: int, replaced: Sequence[int], repl: Any) -> torch.Tensor:
+    """``W'[:, cols(p)] += β_{j,p} · W[:, cols(j)]`` for every replaced unit j and parent p.
+
+    Columns pair up position by position (the same kernel tap, the same flattened position), so
+    a replacement that holds at every position folds exactly. Uses the original columns of the
+    replaced units (never updated: parents are kept units).
+    """
+    w = current.to(torch.float64).clone()
+    src = original.to(torch.float64)
+    for j, parents, coefs in zip(replaced, repl.parents, repl.coefficients):
+        cols_j = unit_columns(consumer, width, [j])
+        for p, beta in zip(parents, coefs):
+            w[:, unit_columns(consumer, width, [p])] += beta * src[:, cols_j]
+    return w.to(current.dtype)
+
+
 def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan) -> FoldResult:
     """Apply ``plan`` to ``tensors``; return the reduced tensors.
 
@@ -110,6 +129,8 @@ def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan)
         for c in site.consumers:
             w = tensors[c.weight]
             d = _contribution(w, c, site.width, sp.replaced, values)
+            if sp.replacement.kind == "affine":
+                out[c.weight] = _fold_affine_columns(out[c.weight], w, c, site.width, sp.replaced, sp.replacement)
             target = c.fold_target
             assert target is not None
             if c.fold_mode == "bias":

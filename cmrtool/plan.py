@@ -8,6 +8,8 @@ round-tripping form) and keys in a fixed order.
 Replacements (DESIGN §3.2–3.4):
 - ``constant``: ``values[i]`` replaces unit ``replaced[i]``; folds as ``b' = b + W[:, S] c_S``
   (Proposition 1).
+- ``affine``: unit ``replaced[i]`` becomes ``values[i] + coefficients[i]·a[parents[i]]``; folds
+  as ``W'[:, P] += W[:, j] βᵀ``, ``b' += W[:, j] β0`` (Theorem 1, affine case).
 """
 
 from __future__ import annotations
@@ -26,21 +28,41 @@ PLAN_SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class Replacement:
-    """What the replaced units of a site become: one constant per replaced unit."""
+    """What the replaced units of a site become (aligned with ``SitePlan.replaced``).
+
+    - ``constant``: replaced unit ``replaced[i]`` becomes ``values[i]``.
+    - ``affine``: it becomes ``values[i] + Σ_k coefficients[i][k] · a[parents[i][k]]``, an affine
+      function of kept units (``parents`` must be kept).
+    """
 
     kind: str
     values: tuple[float, ...]
+    parents: tuple[tuple[int, ...], ...] = ()
+    coefficients: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind != "constant":
-            raise InputError(f"unknown replacement kind '{self.kind}'", "this cmrtool supports 'constant' replacements")
+        if self.kind not in ("constant", "affine"):
+            raise InputError(f"unknown replacement kind '{self.kind}'", "replacements are 'constant' or 'affine'")
+        if self.kind == "affine" and not (len(self.parents) == len(self.coefficients) == len(self.values)):
+            raise InputError("affine replacement: parents, coefficients and intercepts differ in length", "regenerate the plan with cmrtool compile")
+        if any(len(p) != len(c) for p, c in zip(self.parents, self.coefficients)):
+            raise InputError("affine replacement: a unit has a different number of parents and coefficients", "regenerate the plan with cmrtool compile")
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "values": list(self.values)}
+        d: dict[str, Any] = {"kind": self.kind, "values": list(self.values)}
+        if self.kind == "affine":
+            d["parents"] = [list(p) for p in self.parents]
+            d["coefficients"] = [list(c) for c in self.coefficients]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Replacement:
-        return cls(kind=str(d["kind"]), values=tuple(float(v) for v in d["values"]))
+        return cls(
+            kind=str(d["kind"]),
+            values=tuple(float(v) for v in d["values"]),
+            parents=tuple(tuple(int(i) for i in p) for p in d.get("parents", ())),
+            coefficients=tuple(tuple(float(x) for x in c) for c in d.get("coefficients", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,9 @@ class SitePlan:
                 f"plan for site {self.name} has {len(self.replacement.values)} replacement values for {len(self.replaced)} replaced units",
                 "regenerate the plan with cmrtool compile",
             )
+        kept = set(self.kept)
+        if any(p not in kept for ps in self.replacement.parents for p in ps):
+            raise InputError(f"plan for site {self.name}: an affine replacement reads a unit that is not kept", "regenerate the plan with cmrtool compile")
 
     def to_json(self) -> dict[str, Any]:
         return {

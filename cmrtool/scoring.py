@@ -52,9 +52,12 @@ class SiteScores:
     mean: tuple[float, ...]
     samples: int
     fold: str = "exact"
+    replacement_kind: str = "constant"
+    site_score: float | None = None
+    optimal: tuple[float, ...] | None = None  # c* of eq. (7), when curvature was gathered
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "width": self.width,
@@ -62,8 +65,14 @@ class SiteScores:
             "samples": self.samples,
             "scores": list(self.scores),
             "replacement": list(self.replacement),
+            "replacement_kind": self.replacement_kind,
             "mean": list(self.mean),
         }
+        if self.site_score is not None:
+            d["site_score"] = self.site_score
+        if self.optimal is not None:
+            d["optimal"] = list(self.optimal)
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SiteScores:
@@ -73,7 +82,12 @@ class SiteScores:
         mean = tuple(float(x) for x in d.get("mean", replacement))
         if not (len(scores) == len(replacement) == len(mean) == width):
             raise InputError(f"scores for site {d['name']} do not have {width} entries", "regenerate them with cmrtool score --json")
-        return cls(str(d["name"]), str(d.get("kind", "neuron")), width, scores, replacement, mean, int(d.get("samples", 0)), str(d.get("fold", "exact")))
+        return cls(
+            str(d["name"]), str(d.get("kind", "neuron")), width, scores, replacement, mean, int(d.get("samples", 0)),
+            str(d.get("fold", "exact")), str(d.get("replacement_kind", "constant")),
+            None if d.get("site_score") is None else float(d["site_score"]),
+            None if d.get("optimal") is None else tuple(float(x) for x in d["optimal"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -208,6 +222,11 @@ def score_model(
     batch_size: int = 256,
     progress: ProgressFn | None = None,
     limit: int | None = None,
+    curvature: str = "auto",
+    parents: int = 8,
+    ridge: float = 1e-3,
+    extra_needs: frozenset[str] = frozenset(),
+    loss: str = "auto",
 ) -> ScoreReport:
     """Score every unit of ``sites`` (default: all neuron and channel sites).
 
@@ -216,26 +235,40 @@ def score_model(
         data: calibration data bound to the model.
         criterion: a name from :data:`cmrtool.criteria.REGISTRY`.
         sites: the sites to score.
-        seed: seed for criteria that draw (``random``).
+        seed: seed for criteria that draw (``random``, sampled curvature).
         batch_size: samples per forward pass.
         progress: called with the number of samples after each batch.
         limit: use at most this many samples.
+        curvature: ``auto``, ``exact`` or ``sampled`` (criteria that need curvature).
+        parents: parents per unit for affine criteria.
+        ridge: relative ridge for regressions.
+        extra_needs: statistics to gather besides the criterion's (e.g. ``curv`` for the
+            optimal constants of ``--replacement optimal``).
+        loss: ``auto`` (cross-entropy with labels, else KL to the model's prediction), ``ce``, ``kl``.
 
     Example:
         >>> report = score_model(load_model("samples/digits_mlp.pt"), data, "cmr-logit")
-        >>> report.site("body.2").scores[:3]
+        >>> report.site("body.3").scores[:3]
     """
+    from cmrtool.evidence import collect_evidence
+
     crit = get_criterion(criterion)
     sites = list(sites) if sites is not None else select_sites(model.sites)
-    moments = collect_moments(model, data, sites, batch_size, progress, limit)
+    needs = crit.needs | extra_needs
+    evidence = collect_evidence(model, data, sites, needs, batch_size, progress, limit, curvature, seed, loss=loss)
     tensors = model.tensors()
     out: list[SiteScores] = []
     for site in sites:
-        m = moments[site.name]
-        ev = Evidence(site=site, moments=m, col_sq_norms=consumer_sq_norms(site, tensors), seed=seed)
+        e = evidence[site.name]
+        ev = Evidence(
+            site=site, moments=e.moments, col_sq_norms=consumer_sq_norms(site, tensors), seed=seed,
+            comoments=e.comoments, curvature=e.curvature, gndi_unit=e.gndi_unit, gndi_site=e.gndi_site,
+            gndi_count=e.gndi_count, ridge=ridge, parents=parents,
+        )
         res = crit.fn(ev)
         if res.scores.shape != (site.width,) or res.replacement.shape != (site.width,):
             raise RuntimeError(f"criterion {criterion} returned wrong shapes for site {site.name}")
+        optimal = e.curvature.optimal()[0] if e.curvature is not None and "curv" in needs else None
         out.append(
             SiteScores(
                 name=site.name,
@@ -243,9 +276,12 @@ def score_model(
                 width=site.width,
                 scores=tuple(res.scores.tolist()),
                 replacement=tuple(res.replacement.tolist()),
-                mean=tuple(m.mean.tolist()),
-                samples=m.count,
+                mean=tuple(e.moments.mean.tolist()),
+                samples=e.moments.count,
                 fold=site.fold,
+                replacement_kind=res.kind,
+                site_score=res.site_score,
+                optimal=None if optimal is None else tuple(optimal.tolist()),
             )
         )
     n = data.n if limit is None else min(data.n, limit)

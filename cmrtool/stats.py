@@ -148,3 +148,128 @@ class Moments:
         m._mean = state["mean"].to(torch.float64).clone()
         m._m2 = state["m2"].to(torch.float64).clone()
         return m
+
+
+def _reduce_dims(value: torch.Tensor, unit_axis: int) -> tuple[int, tuple[int, ...]]:
+    axis = unit_axis % value.dim()
+    return axis, tuple(d for d in range(value.dim()) if d != axis)
+
+
+def _per_unit(t: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
+    """A ``(width,)`` vector shaped to broadcast along ``axis`` of a value of ``rank`` dims."""
+    shape = [1] * rank
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+class Comoments:
+    """Per-site mean and co-moment matrix ``C = Σ (a − ā)(a − ā)ᵀ`` (width × width), float64.
+
+    The covariance is ``C / n``. Two partial results merge with the matrix form of Chan's update,
+    ``C = C_a + C_b + δ δᵀ n_a n_b / n``. Needed by ``peer`` (R² of a unit from its peers) and
+    affine replacements (ridge fits of a unit on its parents).
+    """
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.count = 0
+        self.mean = torch.zeros(width, dtype=torch.float64)
+        self.c = torch.zeros(width, width, dtype=torch.float64)
+
+    def update_value(self, value: torch.Tensor, unit_axis: int) -> Comoments:
+        x = as_samples(value.detach(), unit_axis).to(torch.float64)  # (samples, width)
+        n = x.shape[0]
+        if n == 0:
+            return self
+        mean = x.mean(0)
+        xc = x - mean
+        return self._merge(n, mean, xc.T @ xc)
+
+    def merge(self, other: Comoments) -> Comoments:
+        return self._merge(other.count, other.mean, other.c)
+
+    def _merge(self, n_b: int, mean_b: torch.Tensor, c_b: torch.Tensor) -> Comoments:
+        if n_b == 0:
+            return self
+        n_a = self.count
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        self.c = self.c + c_b + torch.outer(delta, delta) * (n_a * n_b / n)
+        self.mean = self.mean + delta * (n_b / n)
+        self.count = n
+        return self
+
+    @property
+    def cov(self) -> torch.Tensor:
+        return self.c / max(self.count, 1)
+
+
+class CurvatureSums:
+    """Per-unit sums for the quadratic replacement-risk proxy (CMR paper eq. (6)-(9)).
+
+    For samples s with activation a_s, loss gradient g_s and Gauss-Newton curvature h_s with
+    respect to the unit, it keeps ``n``, ``Σh``, ``Σh·a'``, ``Σh·a'²``, ``Σg``, ``Σg·a'`` in
+    float64, where ``a' = a − K`` is shifted by a fixed per-unit reference K (the first batch's
+    mean) so that the weighted variances in eq. (9) do not cancel. The proxy is invariant to
+    that shift: ``Q(c) = Σ g (c − a) + ½ Σ h (c − a)²`` depends on ``c − a`` only.
+    """
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.count = 0
+        self.shift: torch.Tensor | None = None
+        z = torch.zeros(width, dtype=torch.float64)
+        self.h, self.ha, self.haa, self.g, self.ga = z.clone(), z.clone(), z.clone(), z.clone(), z.clone()
+
+    def update(self, a: torch.Tensor, g: torch.Tensor | None, h: torch.Tensor | None, unit_axis: int) -> CurvatureSums:
+        """Fold in a batch: site value ``a`` and, per element, gradient ``g`` and curvature ``h``."""
+        axis, dims = _reduce_dims(a, unit_axis)
+        a64 = a.detach().to(torch.float64)
+        if self.shift is None:
+            self.shift = a64.mean(dims) if dims else a64.clone()
+        ap = a64 - _per_unit(self.shift, axis, a64.dim())
+        self.count += a.numel() // a.shape[axis]
+        if h is not None:
+            h64 = h.detach().to(torch.float64)
+            self.h += h64.sum(dims)
+            self.ha += (h64 * ap).sum(dims)
+            self.haa += (h64 * ap * ap).sum(dims)
+        if g is not None:
+            g64 = g.detach().to(torch.float64)
+            self.g += g64.sum(dims)
+            self.ga += (g64 * ap).sum(dims)
+        return self
+
+    def merge(self, other: CurvatureSums) -> CurvatureSums:
+        """Add another partial result, re-expressing its sums in this object's shift."""
+        if other.count == 0:
+            return self
+        if self.shift is None:
+            self.shift = other.shift.clone() if other.shift is not None else None
+        d = (other.shift - self.shift) if other.shift is not None and self.shift is not None else torch.zeros(self.width, dtype=torch.float64)
+        # a' (self) = a'' (other) + d
+        self.h += other.h
+        self.ha += other.ha + d * other.h
+        self.haa += other.haa + 2 * d * other.ha + d * d * other.h
+        self.g += other.g
+        self.ga += other.ga + d * other.g
+        self.count += other.count
+        return self
+
+    def optimal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c*, s) per unit: eq. (7) and eq. (9).
+
+        Units with no curvature (Σh ≈ 0) get c* = the reference K (the first batch's mean) and a
+        score of 0: the proxy measures no effect of replacing them.
+        """
+        n = max(self.count, 1)
+        shift = self.shift if self.shift is not None else torch.zeros(self.width, dtype=torch.float64)
+        scale = self.h.abs().max().clamp_min(1e-300)
+        ok = self.h > 1e-12 * scale
+        hs = torch.where(ok, self.h, torch.ones_like(self.h))
+        num = self.ha - self.g
+        c_shifted = torch.where(ok, num / hs, torch.zeros_like(num))
+        score = (0.5 * self.haa - self.ga - 0.5 * num * num / hs) / n
+        # Negative scores are kept: the proxy predicts that replacing such a unit lowers the loss.
+        score = torch.where(ok, score, torch.zeros_like(score))
+        return c_shifted + shift, score

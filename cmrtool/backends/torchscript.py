@@ -447,26 +447,32 @@ class TorchScriptModel:
         self,
         inputs: Sequence[torch.Tensor],
         capture: Sequence[str] = (),
-        edits: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        edits: Mapping[str, tuple[torch.Tensor, ...]] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run a batch, optionally editing and capturing site values.
 
         Args:
             inputs: the forward arguments.
             capture: names of sites whose values to return (after their edit, if any).
-            edits: site name → ``(mask, fill)``: the site value becomes ``where(mask, fill, v)``.
+            edits: site name → ``(mask, fill)``: the site value becomes ``where(mask, fill, v)``;
+                or → ``("map", matrix_t, bias)``: it becomes the affine map of its units
+                ``v·matrix_t + bias`` along the unit axis (affine replacements).
 
         Returns:
             ``(logits, {site: value})``.
         """
         edits = dict(edits or {})
         cap_values = tuple(self.site(s).value for s in capture)
-        edit_names = tuple(sorted(edits))
+        edit_names = tuple(sorted(n for n, e in edits.items() if len(e) == 2))
+        map_names = tuple(sorted(n for n, e in edits.items() if len(e) == 3))
         edit_values = tuple(self.site(s).value for s in edit_names)
-        fn = self.program.function(outputs=cap_values, edits=edit_values)
+        map_specs = tuple((self.site(s).value, 1 if self.site(s).kind == "channel" else -1) for s in map_names)
+        fn = self.program.function(outputs=cap_values, edits=edit_values, maps=map_specs)
         args: list[Any] = list(inputs)
         for s in edit_names:
             args.extend(edits[s])
+        for s in map_names:
+            args.extend(edits[s][1:])
         out = fn(*args)
         if not capture:
             return _logits(out), {}
@@ -567,7 +573,7 @@ class TorchScriptModel:
     def is_parameter(self, name: str) -> bool:
         return name in self._params
 
-    def write(self, path: str | Path, tensors: Mapping[str, torch.Tensor], plan: Plan) -> None:
+    def write(self, path: str | Path, tensors: Mapping[str, torch.Tensor], plan: Plan | None) -> None:
         """Save a copy of this model with ``tensors`` assigned and ``plan`` embedded, atomically."""
         module = self.fresh_module()
         current = {**dict(module.named_parameters()), **dict(module.named_buffers())}
@@ -582,7 +588,7 @@ class TorchScriptModel:
             is_param = name in self._params or (old is None and name not in self._buffers)
             value = nn.Parameter(t.detach().clone(), requires_grad=False) if is_param else t.detach().clone()
             setattr(owner, leaf, value)
-        extra = {PLAN_FILE: plan.dumps()}
+        extra = {PLAN_FILE: plan.dumps()} if plan is not None else {}
         write_with(path, lambda tmp: torch.jit.save(module, str(tmp), _extra_files=extra))
 
 

@@ -278,8 +278,9 @@ class GraphProgram:
         edits: Sequence[str] = (),
         cuts: Sequence[str] = (),
         moments: Sequence[tuple[str, tuple[int, ...]]] = (),
+        maps: Sequence[tuple[str, int]] = (),
     ) -> Callable[..., Any]:
-        """A callable ``f(*inputs, *cut_values, *[mask, fill per edit])``.
+        """A callable ``f(*inputs, *cut_values, *[mask, fill per edit], *[matrix_t, bias per map])``.
 
         Returns the model's output when nothing else is asked for, else a tuple
         ``(model_output, *values, *[mean, m2, numel per moments request])``.
@@ -288,12 +289,14 @@ class GraphProgram:
             outputs: value names to return besides the model output (after their edit, if any).
             edits: value names ``v`` to replace by ``where(mask, fill, v)``.
             cuts: value names replaced by new inputs; upstream work they made dead is removed.
+            maps: ``(value name, unit axis)``: replace the value by the affine map of its units
+                ``movedim(movedim(v, axis, -1) @ matrix_t, -1, axis) + bias`` (affine clamps).
             moments: ``(value name, dims)``: return the value's mean over ``dims`` (kept as
                 size-1 dims), the sum of squared deviations from it over ``dims`` (the
                 two-pass form), and its element count, computed inside the graph so the
                 activation never leaves the executor.
         """
-        key = (tuple(outputs), tuple(edits), tuple(cuts), tuple((n, tuple(d)) for n, d in moments))
+        key = (tuple(outputs), tuple(edits), tuple(cuts), tuple((n, tuple(d)) for n, d in moments), tuple(maps))
         fn = self._cache.get(key)
         if fn is None:
             fn = self._build(*key)
@@ -306,6 +309,7 @@ class GraphProgram:
         edits: tuple[str, ...],
         cuts: tuple[str, ...],
         moments: tuple[tuple[str, tuple[int, ...]], ...] = (),
+        maps: tuple[tuple[str, int], ...] = (),
     ) -> Callable[..., Any]:
         g = self.graph.copy()
         find = self._finder(g)
@@ -333,6 +337,20 @@ class GraphProgram:
                 w.node().moveAfter(anchor)
                 v.replaceAllUsesAfterNodeWith(w.node(), w)
             replaced[name] = w
+        for i, (name, axis) in enumerate(maps):
+            v = replaced.get(name) or find(name)
+            mt = g.addInput(f"map_{i}")
+            bias = g.addInput(f"map_bias_{i}")
+            anchor = v.node()
+            with g.insert_point_guard(anchor):
+                moved = g.insert("aten::movedim", [v, g.insertConstant(axis), g.insertConstant(-1)])
+                mixed = g.insert("aten::matmul", [moved, mt])
+                back = g.insert("aten::movedim", [mixed, g.insertConstant(-1), g.insertConstant(axis)])
+                out = g.insert("aten::add", [back, bias])
+            for n in (out, back, mixed, moved):  # after the anchor, in order
+                n.node().moveAfter(anchor)
+            v.replaceAllUsesAfterNodeWith(out.node(), out)
+            replaced[name] = out
         extra_stats: list[torch._C.Value] = []
         for name, dims in moments:
             v = replaced.get(name) or find(name)

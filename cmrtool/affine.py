@@ -1,0 +1,215 @@
+"""Affine replacements: a replaced unit becomes ``β0 + β·a_P`` of r kept parent units.
+
+Parents are the r kept units most correlated (in absolute value) with the replaced unit over the
+calibration data. The coefficients solve the curvature-weighted ridge problem of the CMR paper
+(appendix A.5, "Affine WLS"), per replaced unit j with design ``Φ = [1, a_P]``::
+
+    min_θ  Σ_s g_s (Φ_s θ − a_s) + ½ Σ_s h_s (Φ_s θ − a_s)² + ½ λ ‖θ_P‖²
+    ⇒  (Φᵀ D Φ + λ I_P) θ = Φᵀ D a − Φᵀ g,      D = diag(h)
+
+with g, h the per-sample loss gradient and Gauss-Newton curvature of the unit
+(:mod:`cmrtool.sensitivity`). cmrtool fits with the curvature weights but leaves the gradient
+term out (g = 0, the mean-stationarity condition of Lemma 1): on calibration data that the model
+fits, g is tiny wherever h is, and the term then dominates the solution (measured on the digits
+MLP at keep 0.5: 25% accuracy with it, 96.7% without). Unweighted (h = 1) it is ordinary ridge
+regression, which is what ``peer`` uses and what the scores of ``peer``/``cmr-affine`` are
+computed from (the covariance matrix alone). λ is ``ridge`` times the mean curvature-weighted unit variance, so
+the setting does not depend on the activations' scale. Folding: ``W'[:, P] += W[:, j] β_Pᵀ``,
+``b' += W[:, j] β0`` (Theorem 1's affine case).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from cmrtool.data import Dataset
+from cmrtool.sensitivity import closed_form_weight, site_sensitivity
+from cmrtool.sites import Site
+from cmrtool.stats import Comoments, as_samples
+
+__all__ = [
+    "conditional_variance",
+    "peer_residual_variance",
+    "choose_parents",
+    "fit_from_covariance",
+    "fit_affine",
+]
+
+
+def _lam(cov: torch.Tensor, ridge: float) -> float:
+    return float(ridge * cov.diagonal().mean().clamp_min(1e-30))
+
+
+def conditional_variance(cov: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """Variance of each unit left after ridge-regressing it on all its peers: ``(1 − R²_j) Var_j``.
+
+    From the precision matrix: ``1 / [(Σ + λI)⁻¹]_jj − λ``.
+    """
+    lam = _lam(cov, ridge)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    prec = torch.linalg.inv(cov + lam * eye)
+    return (1.0 / prec.diagonal() - lam).clamp_min(0.0)
+
+
+def _corr(cov: torch.Tensor) -> torch.Tensor:
+    sd = cov.diagonal().clamp_min(1e-30).sqrt()
+    return cov / sd[:, None] / sd[None, :]
+
+
+def choose_parents(cov: torch.Tensor, units: Sequence[int], candidates: Sequence[int], r: int) -> dict[int, tuple[int, ...]]:
+    """For each unit, the ``r`` candidates most correlated with it (ties: lower index), sorted."""
+    corr = _corr(cov).abs()
+    cand = torch.as_tensor(list(candidates), dtype=torch.long)
+    out: dict[int, tuple[int, ...]] = {}
+    for j in units:
+        c = cand[cand != j]
+        if r <= 0 or c.numel() == 0:
+            out[j] = ()
+            continue
+        order = torch.sort(corr[j, c], descending=True, stable=True).indices[: min(r, c.numel())]
+        out[j] = tuple(sorted(int(i) for i in c[order]))
+    return out
+
+
+def _solve(cov_pp: torch.Tensor, cov_pj: torch.Tensor, lam: float) -> torch.Tensor:
+    eye = torch.eye(cov_pp.shape[0], dtype=cov_pp.dtype)
+    return torch.linalg.solve(cov_pp + lam * eye, cov_pj)
+
+
+def fit_from_covariance(mean: torch.Tensor, cov: torch.Tensor, j: int, parents: Sequence[int], ridge: float) -> tuple[float, list[float]]:
+    """Ridge regression of unit j on ``parents`` from the mean and covariance: (β0, β)."""
+    if not parents:
+        return float(mean[j]), []
+    p = torch.as_tensor(list(parents), dtype=torch.long)
+    beta = _solve(cov[p][:, p], cov[p, j], _lam(cov, ridge))
+    return float(mean[j] - beta @ mean[p]), [float(b) for b in beta]
+
+
+def peer_residual_variance(cov: torch.Tensor, r: int, ridge: float = 1e-3) -> torch.Tensor:
+    """Per unit: variance left by the ridge fit on its r most correlated peers (all other units)."""
+    width = cov.shape[0]
+    parents = choose_parents(cov, range(width), range(width), r)
+    lam = _lam(cov, ridge)
+    out = torch.empty(width, dtype=torch.float64)
+    for j in range(width):
+        p = torch.as_tensor(parents[j], dtype=torch.long)
+        if p.numel() == 0:
+            out[j] = cov[j, j]
+            continue
+        beta = _solve(cov[p][:, p], cov[p, j], lam)
+        out[j] = cov[j, j] - 2 * beta @ cov[p, j] + beta @ cov[p][:, p] @ beta
+    return out.clamp_min(0.0)
+
+
+def fit_affine(
+    model: Any,
+    data: Dataset,
+    sites: Sequence[Site],
+    replaced: dict[str, Sequence[int]],
+    kept: dict[str, Sequence[int]],
+    parents: int = 8,
+    ridge: float = 1e-3,
+    weighted: bool = True,
+    curvature: str = "auto",
+    seed: int = 0,
+    batch_size: int = 256,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, tuple[list[float], list[tuple[int, ...]], list[list[float]]]]:
+    """Affine replacements for the replaced units of each site.
+
+    Pass 1 gathers each site's covariance and picks every replaced unit's parents among the kept
+    units. Unweighted, the ridge fits come from the covariance; weighted, pass 2 accumulates the
+    curvature-weighted normal equations of every replaced unit and solves them.
+
+    Returns:
+        site → (intercepts, parents, coefficients), aligned with ``replaced[site]``.
+    """
+    com = {s.name: Comoments(s.width) for s in sites}
+    names = [s.name for s in sites]
+    with torch.no_grad():
+        for batch in data.batches(batch_size, limit, labels=False):
+            _, values = model.run(list(batch.inputs), capture=names)
+            for s in sites:
+                com[s.name].update_value(values[s.name], s.unit_axis)
+            if progress is not None:
+                progress(len(batch))
+    chosen = {s.name: choose_parents(com[s.name].cov, replaced[s.name], kept[s.name], parents) for s in sites}
+    if not weighted:
+        out = {}
+        for s in sites:
+            fits = [fit_from_covariance(com[s.name].mean, com[s.name].cov, j, chosen[s.name][j], ridge) for j in replaced[s.name]]
+            out[s.name] = ([f[0] for f in fits], [chosen[s.name][j] for j in replaced[s.name]], [f[1] for f in fits])
+        return out
+    return _weighted_fits(model, data, sites, replaced, chosen, com, ridge, curvature, seed, batch_size, limit, progress)
+
+
+def _weighted_fits(
+    model: Any, data: Dataset, sites: Sequence[Site], replaced: dict[str, Sequence[int]], chosen: dict[str, dict[int, tuple[int, ...]]],
+    com: dict[str, Comoments], ridge: float, curvature: str, seed: int, batch_size: int, limit: int | None,
+    progress: Callable[[int], None] | None,
+) -> dict[str, tuple[list[float], list[tuple[int, ...]], list[list[float]]]]:
+    names = [s.name for s in sites]
+    tensors = model.tensors()
+    weights = {s.name: closed_form_weight(s, tensors) for s in sites}
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 29)
+    # Per replaced unit j: A_j = Σ h φφᵀ, b_j = Σ (h a − g) φ, with φ = [1, a_P] (padded to r).
+    systems: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for s in sites:
+        rep = list(replaced[s.name])
+        r = max((len(chosen[s.name][j]) for j in rep), default=0)
+        idx = torch.zeros(len(rep), r, dtype=torch.long)
+        valid = torch.zeros(len(rep), r + 1, dtype=torch.bool)
+        valid[:, 0] = True
+        for i, j in enumerate(rep):
+            ps = chosen[s.name][j]
+            idx[i, : len(ps)] = torch.as_tensor(ps, dtype=torch.long)
+            valid[i, 1 : len(ps) + 1] = True
+        systems[s.name] = (idx, valid, torch.zeros(len(rep), r + 1, r + 1, dtype=torch.float64), torch.zeros(len(rep), r + 1, dtype=torch.float64))
+    downstreams: dict[str, Any] = {}
+    for batch in data.batches(batch_size, limit, labels=False):
+        x = list(batch.inputs)
+        if not downstreams:
+            downstreams = {n: model.downstream([n], x) for n in names}
+        with torch.no_grad():
+            logits, values, frontiers = model.capture_for([downstreams[n] for n in names], x)
+        for k, s in enumerate(sites):
+            rep = list(replaced[s.name])
+            if not rep:
+                continue
+            v = values[s.name]
+            sens = site_sensitivity(s, v, logits, None, weights[s.name], downstreams[s.name], x, frontiers[k],
+                                    want_grad=False, want_curv=True, mode=curvature, generator=generator)
+            a = as_samples(v, s.unit_axis).to(torch.float64)  # (n, width)
+            h = as_samples(sens.curv, s.unit_axis)[:, rep]  # (n, |S|)
+            g = torch.zeros_like(h)  # the gradient term is left out (module docstring)
+            idx, valid, A, b = systems[s.name]
+            phi = torch.cat([torch.ones(a.shape[0], len(rep), 1, dtype=torch.float64), a[:, idx]], dim=2)  # (n, |S|, r+1)
+            phi = phi * valid.unsqueeze(0)
+            A += torch.einsum("nsi,ns,nsk->sik", phi, h, phi)
+            b += torch.einsum("nsi,ns->si", phi, h * a[:, rep] - g)
+        if progress is not None:
+            progress(len(batch))
+    out = {}
+    for s in sites:
+        rep = list(replaced[s.name])
+        idx, valid, A, b = systems[s.name]
+        intercepts, coefs = [], []
+        scale = float(com[s.name].cov.diagonal().mean().clamp_min(1e-30))
+        for i, j in enumerate(rep):
+            k = int(valid[i].sum())
+            Ai, bi = A[i, :k, :k].clone(), b[i, :k]
+            hsum = float(Ai[0, 0]) if float(Ai[0, 0]) > 0 else 1.0
+            Ai[1:, 1:] += ridge * scale * hsum * torch.eye(k - 1, dtype=torch.float64)  # ridge on β_P only
+            if float(A[i, 0, 0]) <= 0:  # no curvature: fall back to the unweighted fit
+                b0, beta = fit_from_covariance(com[s.name].mean, com[s.name].cov, j, chosen[s.name][j], ridge)
+            else:
+                theta = torch.linalg.lstsq(Ai, bi.unsqueeze(1)).solution.squeeze(1)
+                b0, beta = float(theta[0]), [float(t) for t in theta[1:]]
+            intercepts.append(b0)
+            coefs.append(beta)
+        out[s.name] = (intercepts, [chosen[s.name][j] for j in rep], coefs)
+    return out

@@ -1,0 +1,127 @@
+"""Planning a reduction: scores → selection → replacements (constant, optimal, affine, jointly
+refit), in one step or in a schedule of K steps with re-scoring in between.
+
+``--schedule K`` is the CMR paper's iterative recomputation (§5.4, §6): the kept fraction goes
+from 1 to ``keep`` geometrically (``keep^(i/K)`` of each site's width after step i); after every
+step the plan so far is compiled into a temporary model, which is scored afresh, so later
+choices see the earlier replacements. The steps' plans compose into one plan on the original
+model (:func:`cmrtool.compile.compose`), which is what gets folded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cmrtool.compile import compose, make_plan, with_affine, with_constants
+from cmrtool.errors import UsageError
+from cmrtool.plan import Plan
+from cmrtool.scoring import ScoreReport, score_model
+from cmrtool.sites import Site
+
+__all__ = ["plan_reduction"]
+
+
+def _needs_affine(report: ScoreReport, replacement: str) -> bool:
+    return replacement == "affine" or (replacement == "auto" and any(s.replacement_kind == "affine" for s in report.sites))
+
+
+def _one_step(
+    model: Any, data: Any, sites: Sequence[Site], report: ScoreReport | None, keep: float | None, keep_count: int | None,
+    round_to: int | None, progress: Callable[..., Any], criterion: str, replacement: str, allocation: str,
+    joint_refit: bool, parents: int, ridge: float, curvature: str, seed: int, batch_size: int,
+    counts: dict[str, int] | None = None, loss: str = "auto",
+) -> Plan:
+    if report is None:
+        extra = frozenset({"grad", "curv"}) if replacement == "optimal" else frozenset()
+        with progress(f"scoring ({criterion})", data.n) as advance:
+            report = score_model(model, data, criterion, sites, seed, batch_size, advance, None, curvature, parents, ridge, extra, loss)
+    plan = make_plan(report, sites, keep, keep_count, round_to, replacement, allocation, counts)
+    affine = _needs_affine(report, replacement)
+    if affine:
+        if joint_refit:
+            raise UsageError("--joint-refit refits constants; it does not apply to affine replacements", "drop --joint-refit or choose a constant replacement")
+        if data is None:
+            raise UsageError("affine replacements are fitted on calibration data", "pass --calib")
+        from cmrtool.affine import fit_affine
+
+        rep = {sp.name: list(sp.replaced) for sp in plan.sites}
+        kept = {sp.name: list(sp.kept) for sp in plan.sites}
+        with progress("fitting affine replacements", 2 * data.n) as advance:
+            fits = fit_affine(model, data, sites, rep, kept, parents, ridge, weighted=report.criterion != "peer",
+                              curvature=curvature, seed=seed, batch_size=batch_size, progress=advance)
+        plan = with_affine(plan, fits)
+    if joint_refit:
+        from cmrtool.refit import joint_constants
+
+        constants = {}
+        with progress("joint refit", data.n * len(sites)) as advance:
+            for site in sites:
+                sp = plan.site(site.name)
+                # Replacements are fitted to preserve the original's predictions: KL to them unless
+                # --loss says otherwise (with training labels the gradient term derails the fit).
+                constants[site.name] = joint_constants(
+                    model, data, site, sp.replaced, curvature, seed, batch_size, progress=advance,
+                    loss="kl" if loss == "auto" else loss, start=sp.replacement.values,
+                )
+        plan = with_constants(plan, constants)
+    extras: tuple[tuple[str, Any], ...] = (("joint_refit", True),) if joint_refit else ()
+    if affine:
+        extras += (("parents", parents), ("ridge", ridge))
+    if curvature != "auto":
+        extras += (("curvature", curvature),)
+    if loss != "auto":
+        extras += (("loss", loss),)
+    return Plan(
+        source_sha256=plan.source_sha256, criterion=plan.criterion, sites=plan.sites, replacement=plan.replacement,
+        seed=plan.seed, settings=plan.settings + extras,
+    )
+
+
+def plan_reduction(
+    model: Any,
+    data: Any,
+    sites: Sequence[Site],
+    report: ScoreReport | None,
+    keep: float | None,
+    keep_count: int | None,
+    round_to: int | None,
+    schedule: int,
+    progress: Callable[..., Any],
+    **options: Any,
+) -> Plan:
+    """The plan that ``compile`` folds (see the module docstring for ``schedule``)."""
+    if schedule <= 1:
+        return _one_step(model, data, sites, report, keep, keep_count, round_to, progress, **options)
+    if options.get("allocation") == "global":
+        raise UsageError("--schedule with --allocation global is not supported", "use one of them")
+    backend = type(model)
+    total: Plan | None = None
+    current = model
+    with tempfile.TemporaryDirectory(prefix="cmrtool-schedule-") as tmp:
+        for step in range(1, schedule + 1):
+            counts = {}
+            for s in sites:
+                goal = keep_count if keep_count is not None else max(1, round((1.0 if keep is None else keep) * s.width))
+                target = max(goal, int(round(s.width * (goal / s.width) ** (step / schedule))))
+                width = current.site(s.name).width
+                if target < width:
+                    counts[s.name] = target
+            if not counts:
+                continue
+            step_sites = [current.site(n) for n in counts]
+            step_plan = _one_step(current, data, step_sites, None, None, None, round_to if step == schedule else None,
+                                  progress, counts=counts, **options)
+            total = step_plan if total is None else compose(total, step_plan)
+            if step < schedule:
+                from cmrtool.compile import compile_model
+
+                path = Path(tmp) / f"step{step}.pt"
+                compile_model(model, total, path, None)
+                current = backend(str(path))
+    if total is None:
+        raise UsageError("the schedule replaces no units", "lower --keep")
+    return dataclasses.replace(total, settings=total.settings + (("schedule", schedule),))
