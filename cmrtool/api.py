@@ -1,6 +1,6 @@
 """The public API on file paths: one function per command, each a complete job.
 
-These are what ``cmrtool inspect|score|compile`` call, and what a Python user calls to do the
+These are what ``cmrtool inspect|score|compile|bench`` call, and what a Python user calls to do the
 same from a script::
 
     import cmrtool.api as cmr
@@ -8,6 +8,8 @@ same from a script::
     report = cmr.score("samples/digits_mlp.pt", "samples/calib.safetensors", criterion="cmr-logit")
     result = cmr.compile("samples/digits_mlp.pt", "reduced.pt", calib="samples/calib.safetensors", keep=0.5)
     print(result.fold_error.max_abs, result.params_after / result.params_before)
+    bench = cmr.bench(["samples/digits_mlp.pt", "reduced.pt"], data="samples/calib.safetensors", device="cpu")
+    print(bench.speedup, bench.mac_ratio)
 
 Lower-level pieces (backends, statistics, criteria, folding) are in their own modules.
 """
@@ -25,7 +27,7 @@ from typing import Any, ContextManager
 
 from cmrtool.errors import UsageError
 
-__all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "verify", "ProgressFactory", "default_threads"]
+__all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "verify", "bench", "ProgressFactory", "default_threads", "usable_cpus"]
 
 ProgressFactory = Callable[..., ContextManager[Callable[[int], None]]]  # (description, total[, unit])
 
@@ -35,13 +37,17 @@ def _no_progress(description: str, total: int, unit: str = "samples") -> Iterato
     yield lambda n: None
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """A thread count that suits small models: the usable CPUs, at most 4."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus))
+    return max(1, min(4, usable_cpus()))
 
 
 def tune_malloc() -> bool:
@@ -320,3 +326,28 @@ def verify(
     if onnx is not None:
         report.inputs["onnx"] = sha256_file(onnx)
     return report
+def bench(
+    paths: Sequence[str | Path],
+    data: str | Path | None = None,
+    input_shapes: Sequence[str | Sequence[int]] | None = None,
+    batch: int = 64,
+    device: str = "auto",
+    dtype: str = "fp16",
+    warmup: int = 5,
+    repeats: int = 30,
+    progress: ProgressFactory | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Any:
+    """Parameters, MACs and measured speed of models, each compared with the first (:class:`cmrtool.bench.BenchReport`).
+
+    The benchmark batch is the first ``batch`` samples of ``data``, else random tensors of
+    ``input_shapes`` (strings like ``"1,1,8,8"`` or lists; the batch dimension becomes ``batch``),
+    else of the shapes a reduced model recorded at compile time. Call :func:`configure` first: the
+    thread count it sets is the one measured.
+    """
+    from cmrtool.bench import BenchSettings, bench_models
+
+    settings = BenchSettings(batch=batch, device=device, dtype=dtype, warmup=warmup, repeats=repeats)
+    _single_stdin(*paths, data)
+    shapes = [_parse_shape(s) if isinstance(s, str) else list(s) for s in input_shapes] if input_shapes else None
+    return bench_models(paths, settings, data, shapes, progress or _no_progress, warn)

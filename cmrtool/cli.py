@@ -37,7 +37,7 @@ app = typer.Typer(
     help=(
         "Reduce trained PyTorch networks by mechanism replacement: score hidden units, replace the "
         "weakest by constants, and fold them exactly into a smaller checkpoint.\n\n"
-        "Pipeline: inspect → score → compile → verify.  Results go to stdout (JSON with --json or when "
+        "Pipeline: inspect → score → compile → verify → bench.  Results go to stdout (JSON with --json or when "
         "piped), logs and progress to stderr.  Exit codes: 0 ok, 1 bad input, 2 bad usage, "
         "3 verification failed.  Set CMRTOOL_DEBUG=1 for tracebacks."
     ),
@@ -46,6 +46,7 @@ app = typer.Typer(
         "cmrtool score samples/digits_mlp.pt --calib samples/calib.safetensors --json > scores.json",
         "cmrtool compile samples/digits_mlp.pt --calib samples/calib.safetensors --keep 0.5 -o reduced.pt",
         "cmrtool verify samples/digits_mlp.pt reduced.pt --data samples/eval.safetensors --min-iia 0.5",
+        "cmrtool bench samples/digits_mlp.pt reduced.pt --data samples/calib.safetensors",
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -255,6 +256,38 @@ def verify(
     out.result(report.to_json(), lambda c: render.verify_table(report, c))
     if not report.passed:
         raise VerificationFailed("verification failed: " + "; ".join(report.failures), "see the report on stdout; relax the thresholds or keep more units")
+
+
+@app.command(
+    epilog=_examples(
+        "cmrtool bench model.pt reduced.pt --data calib.safetensors",
+        "cmrtool bench model.pt reduced.pt --input-shape 1,1,8,8 --batch 256 --device cuda --dtype fp16",
+        "cmrtool bench model.pt reduced.pt reduced.onnx --repeats 100 --json > bench.json",
+    )
+)
+def bench(
+    models: Annotated[list[str], typer.Argument(help="TorchScript checkpoints (.pt) and ONNX files (.onnx, run by onnxruntime) taking the same inputs; the first is the baseline.", show_default=False)],
+    data: Annotated[Optional[str], typer.Option("--data", help="Data file whose first --batch samples are the benchmark batch.", show_default=False)] = None,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Shape of a random input, e.g. 1,1,8,8 (the batch dimension becomes --batch); repeat for several inputs. Default: the shapes a reduced model recorded at compile time.", show_default=False)] = None,
+    batch: Annotated[int, typer.Option("--batch", "--batch-size", help="Samples per timed forward pass.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="auto (the GPU when torch sees one, else the CPU), cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp16, bf16 or fp32. On a CPU without native fp16, fp16 falls back to fp32 and the report says so.")] = "fp16",
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds before timing.")] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed rounds; each runs every model once, alternating.")] = 30,
+    json_mode: JsonOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Parameters, file size and MACs (per site and total) beside measured latency and throughput; each model's speedup over the first next to its MAC ratio (the MAC-ideal speedup)."""
+    from cmrtool import api, render
+
+    out = _output(json_mode, quiet)
+    _setup(threads)
+    report = api.bench(
+        models, data=data, input_shapes=input_shape, batch=batch, device=device, dtype=dtype,
+        warmup=warmup, repeats=repeats, progress=out.progress, warn=out.warn,
+    )
+    out.result(report.to_json(), lambda c: render.bench_table(report, c))
 
 
 def _version(value: bool) -> None:

@@ -80,7 +80,7 @@ def inspect_model(model: Any, inputs: Sequence[torch.Tensor] | None = None) -> I
     if inputs is not None:
         inputs = [t[:1] for t in inputs]
         shapes = tuple(tuple(t.shape) for t in inputs)
-        macs = count_macs(model.forward, inputs)
+        macs = count_macs(model, inputs)
     else:
         notes.append("MACs need an example input: pass --calib DATA or --input-shape 1,1,8,8")
     reduced = None

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cmrtool.output import fmt_float, fmt_int
 
-__all__ = ["inspect_table", "score_table", "compile_table", "verify_table"]
+__all__ = ["inspect_table", "score_table", "compile_table", "verify_table", "bench_table"]
 
 
 def inspect_table(report: Any, console: Console) -> None:
@@ -112,4 +112,66 @@ def verify_table(report: Any, console: Console) -> None:
     if d["onnx_max_abs_diff"] is not None:
         console.print(f"ONNX parity: max |onnxruntime − torch| = {fmt_float(d['onnx_max_abs_diff'])}", markup=False)
     for n in d["notes"]:
+        console.print(f"note: {n}", markup=False)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def bench_table(report: Any, console: Console) -> None:
+    """Models (size, MACs), their speed (speedup beside the MAC ratio), then MACs per site."""
+    dtype = report.dtype if report.dtype == report.requested_dtype else f"{report.dtype} (requested {report.requested_dtype})"
+    console.print(
+        f"[bold]{escape(report.device)}[/] ({escape(report.device_name)})  {dtype}  {report.threads} threads  "
+        f"batch {report.batch}  {report.repeats} alternating rounds after {report.warmup} warm-up  inputs: {escape(report.inputs)}"
+    )
+    size = Table(show_edge=False, header_style="bold")
+    for col in ("#", "model", "runtime", "params", "size", "MACs"):
+        size.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+    speed = Table(show_edge=False, header_style="bold")
+    for col in ("#", "ms/batch (p10–p90)", "samples/s", "speedup (p10–p90)", "MAC ratio", "realized"):
+        speed.add_column(col, justify="right")
+    for i, m in enumerate(report.models, 1):
+        size.add_row(
+            str(i), escape(m.path), f"{m.runtime} {m.dtype}", fmt_int(m.params), _fmt_bytes(m.file_bytes),
+            fmt_int(None if m.macs is None else m.macs.total),
+        )
+        lat, sp = m.latency, m.speedup
+        speed.add_row(
+            str(i), f"{fmt_float(lat.median * 1e3)} ({fmt_float(lat.p10 * 1e3)}–{fmt_float(lat.p90 * 1e3)})",
+            fmt_int(round(m.throughput)), "—" if sp is None else f"{sp.median:.2f}× ({sp.p10:.2f}–{sp.p90:.2f})",
+            _fmt_ratio(m.mac_ratio),
+            "—" if m.speedup_realized is None else f"{m.speedup_realized:.0%}",
+        )
+    console.print(size)
+    console.print(speed)
+    with_sites = [(i, m) for i, m in enumerate(report.models, 1) if m.sites]
+    if with_sites:
+        names = list(dict.fromkeys(s.name for _, m in with_sites for s in m.sites))
+        st = Table(show_edge=False, header_style="bold")
+        st.add_column("site")
+        for i, _ in with_sites:
+            st.add_column(f"#{i} width", justify="right")
+            st.add_column(f"#{i} MACs", justify="right")
+        for name in names:
+            row = [escape(name)]
+            for _, m in with_sites:
+                site = next((s for s in m.sites if s.name == name), None)
+                row += ["—", "—"] if site is None else [str(site.width), fmt_int(site.macs)]
+            st.add_row(*row)
+        console.print(st)
+    console.print(
+        "speedup: median over rounds of latency #1 / latency #i; MAC ratio: MACs #1 / MACs #i (the MAC-ideal "
+        "speedup); realized: speedup / MAC ratio. MACs per sample; a site's MACs are its producer and consumer layers'.",
+        markup=False,
+    )
+    for n in report.notes:
         console.print(f"note: {n}", markup=False)
