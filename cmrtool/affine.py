@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from cmrtool.data import Dataset
-from cmrtool.sensitivity import closed_form_weight, site_sensitivity
+from cmrtool.sensitivity import closed_form_weight, site_generator, site_sensitivity
 from cmrtool.sites import Site
 from cmrtool.stats import Comoments, as_samples
 
@@ -46,12 +46,16 @@ def _lam(cov: torch.Tensor, ridge: float) -> float:
 def conditional_variance(cov: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
     """Variance of each unit left after ridge-regressing it on all its peers: ``(1 − R²_j) Var_j``.
 
-    From the precision matrix: ``1 / [(Σ + λI)⁻¹]_jj − λ``.
+    R² comes from the correlation matrix with a ridge λ on it (``1 − R²_j = 1/[(C + λI)⁻¹]_jj − λ``
+    up to the ridge), so rescaling units changes nothing but the variance factor, and the score
+    ``(1 − R²) Var ‖W_c‖²`` keeps Proposition 2's invariance.
     """
-    lam = _lam(cov, ridge)
+    var = cov.diagonal().clamp_min(0)
+    corr = _corr(cov)
     eye = torch.eye(cov.shape[0], dtype=cov.dtype)
-    prec = torch.linalg.inv(cov + lam * eye)
-    return (1.0 / prec.diagonal() - lam).clamp_min(0.0)
+    prec = torch.linalg.inv(corr + ridge * eye)
+    unexplained = (1.0 / prec.diagonal() - ridge).clamp(0.0, 1.0)
+    return unexplained * var
 
 
 def _corr(cov: torch.Tensor) -> torch.Tensor:
@@ -89,19 +93,25 @@ def fit_from_covariance(mean: torch.Tensor, cov: torch.Tensor, j: int, parents: 
 
 
 def peer_residual_variance(cov: torch.Tensor, r: int, ridge: float = 1e-3) -> torch.Tensor:
-    """Per unit: variance left by the ridge fit on its r most correlated peers (all other units)."""
+    """Per unit: variance left by the ridge fit on its r most correlated peers (all other units).
+
+    Fitted on standardized units (ridge on the correlation matrix) and scaled back by the unit's
+    variance, so the result is invariant to rescaling the parents and scales as Var_j.
+    """
     width = cov.shape[0]
     parents = choose_parents(cov, range(width), range(width), r)
-    lam = _lam(cov, ridge)
+    corr = _corr(cov)
+    var = cov.diagonal().clamp_min(0)
     out = torch.empty(width, dtype=torch.float64)
     for j in range(width):
         p = torch.as_tensor(parents[j], dtype=torch.long)
         if p.numel() == 0:
-            out[j] = cov[j, j]
+            out[j] = var[j]
             continue
-        beta = _solve(cov[p][:, p], cov[p, j], lam)
-        out[j] = cov[j, j] - 2 * beta @ cov[p, j] + beta @ cov[p][:, p] @ beta
-    return out.clamp_min(0.0)
+        beta = _solve(corr[p][:, p], corr[p, j], ridge)
+        unexplained = 1.0 - 2 * beta @ corr[p, j] + beta @ corr[p][:, p] @ beta
+        out[j] = unexplained.clamp(0.0, 1.0) * var[j]
+    return out
 
 
 def fit_affine(
@@ -155,7 +165,7 @@ def _weighted_fits(
     names = [s.name for s in sites]
     tensors = model.tensors()
     weights = {s.name: closed_form_weight(s, tensors) for s in sites}
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + 29)
+    generators = {s.name: site_generator(seed, s.name, 29) for s in sites}
     # Per replaced unit j: A_j = Σ h φφᵀ, b_j = Σ (h a − g) φ, with φ = [1, a_P] (padded to r).
     systems: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for s in sites:
@@ -182,7 +192,7 @@ def _weighted_fits(
                 continue
             v = values[s.name]
             sens = site_sensitivity(s, v, logits, None, weights[s.name], downstreams[s.name], x, frontiers[k],
-                                    want_grad=False, want_curv=True, mode=curvature, generator=generator)
+                                    want_grad=False, want_curv=True, mode=curvature, generator=generators[s.name])
             a = as_samples(v, s.unit_axis).to(torch.float64)  # (n, width)
             h = as_samples(sens.curv, s.unit_axis)[:, rep]  # (n, |S|)
             g = torch.zeros_like(h)  # the gradient term is left out (module docstring)

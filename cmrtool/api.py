@@ -27,7 +27,7 @@ from typing import Any, ContextManager
 
 from cmrtool.errors import UsageError
 
-__all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "verify", "bench", "ProgressFactory", "default_threads", "usable_cpus"]
+__all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "verify", "bench", "audit", "ProgressFactory", "default_threads", "usable_cpus"]
 
 ProgressFactory = Callable[..., ContextManager[Callable[[int], None]]]  # (description, total[, unit])
 
@@ -351,3 +351,39 @@ def bench(
     _single_stdin(*paths, data)
     shapes = [_parse_shape(s) if isinstance(s, str) else list(s) for s in input_shapes] if input_shapes else None
     return bench_models(paths, settings, data, shapes, progress or _no_progress, warn)
+
+
+def audit(
+    path: str | Path,
+    calib: str | Path,
+    criteria: Sequence[str] = ("cmr-logit", "vbp", "magnitude", "random"),
+    sites: Sequence[str] | None = None,
+    keep: float = 0.5,
+    seeds: int = 10,
+    scale_range: tuple[float, float] = (0.01, 100.0),
+    validate: int = 0,
+    batch_size: int = 256,
+    progress: ProgressFactory | None = None,
+) -> Any:
+    """Reparameterization audit and criterion validation (:class:`cmrtool.audit.AuditReport`)."""
+    from cmrtool.audit import audit as run_audit
+    from cmrtool.criteria import get_criterion
+    from cmrtool.data import open_data
+    from cmrtool.scoring import select_sites
+
+    for c in criteria:
+        get_criterion(c)
+    if not 0 < keep < 1:
+        raise UsageError(f"--keep must be in (0, 1) for the audit, got {keep}", "e.g. --keep 0.5")
+    lo, hi = scale_range
+    if not 0 < lo <= hi:
+        raise UsageError(f"invalid scale range {lo}..{hi}", "give two positive numbers, e.g. --scale-range 0.01,100")
+    if seeds < 1 or validate < 0:
+        raise UsageError("--seeds must be at least 1 and --validate at least 0", "e.g. --seeds 10 --validate 64")
+    _single_stdin(path, calib)
+    model = open_model(path)
+    model.require_sites()
+    chosen = select_sites(model.sites, sites, None)
+    data = open_data(calib, model)
+    with (progress or _no_progress)("audit", seeds, "seeds") as advance:
+        return run_audit(model, data, list(criteria), chosen, keep, seeds, (lo, hi), validate, batch_size, advance)

@@ -2,10 +2,12 @@
 
 **Reparameterization audit.** A ReLU unit can be rescaled without changing the function: scale
 its producer by s > 0 (its weight row and bias, or the BatchNorm's γ and β when a BatchNorm
-normalizes the producer away) and its consumers' columns by 1/s (Proposition 2). For every seed,
-every unit of every ReLU site gets s ~ LogUniform(lo, hi); the audit checks the function is
-unchanged (max logit change), re-scores the twin with each criterion, and reports the Jaccard
-overlap of the kept sets (mean ± sd over seeds). The CMR paper's Table 2: ``cmr-logit`` 1.000,
+normalizes the producer away) and its consumers' columns by 1/s (Proposition 2). For every seed
+and every ReLU site, each unit of the site gets s ~ LogUniform(lo, hi); the audit checks the
+function is unchanged (max logit change), re-scores the twin with each criterion, and reports
+the Jaccard overlap of the site's kept sets (mean ± sd over seeds). Sites are rescaled one at a
+time: rescaling a later site also rescales the rows of an earlier site's consumer, which is not
+a change of the earlier site's own coordinates. The CMR paper's Table 2: ``cmr-logit`` 1.000,
 ``vbp`` near the chance floor (≈ 1/3 for half the units).
 
 **Criterion validation** (``validate``): the true damage of replacing each of N sampled units
@@ -169,17 +171,20 @@ def audit(
     with tempfile.TemporaryDirectory(prefix="cmrtool-audit-") as tmp:
         for seed in range(seeds):
             g = torch.Generator().manual_seed(seed * 7919 + 1)
-            scales = {s.name: torch.exp(torch.empty(s.width, dtype=torch.float64).uniform_(lo, hi, generator=g)) for s in ok}
-            path = Path(tmp) / f"twin{seed}.pt"
-            model.write(path, rescaled_tensors(tensors, ok, scales), None)
-            twin = type(model)(str(path))
-            with torch.no_grad():
-                worst = max(worst, float((twin.forward(list(x)).to(torch.float64) - ref).abs().max()))
-            for c in criteria:
-                # random's draws follow the seed, as in the paper's random-selector control
-                kept = _kept(twin, data, c, [twin.site(s.name) for s in ok], keep, seed + 1 if c == "random" else 0, batch_size)
-                for s in ok:
-                    jac[s.name][c].append(_jaccard(base[c][s.name], kept[s.name]))
+            # One site at a time: rescaling a later site's units also rescales the rows of an
+            # earlier site's consumer, which is not a change of the earlier site's coordinates.
+            for site in ok:
+                scales = {site.name: torch.exp(torch.empty(site.width, dtype=torch.float64).uniform_(lo, hi, generator=g))}
+                path = Path(tmp) / f"twin{seed}_{len(jac[site.name][criteria[0]])}_{site.name}.pt"
+                model.write(path, rescaled_tensors(tensors, [site], scales), None)
+                twin = type(model)(str(path))
+                with torch.no_grad():
+                    worst = max(worst, float((twin.forward(list(x)).to(torch.float64) - ref).abs().max()))
+                for c in criteria:
+                    # random's draws follow the seed, as in the paper's random-selector control
+                    kept = _kept(twin, data, c, [twin.site(site.name)], keep, seed + 1 if c == "random" else 0, batch_size)
+                    jac[site.name][c].append(_jaccard(base[c][site.name], kept[site.name]))
+                path.unlink()
             if progress is not None:
                 progress(1)
     summary = {

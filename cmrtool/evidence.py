@@ -24,7 +24,7 @@ import torch
 
 from cmrtool.data import Dataset
 from cmrtool.errors import InputError
-from cmrtool.sensitivity import closed_form_weight, loss_labels, site_sensitivity
+from cmrtool.sensitivity import closed_form_weight, loss_labels, site_generator, site_sensitivity
 from cmrtool.sites import Site
 from cmrtool.stats import Comoments, CurvatureSums, Moments
 
@@ -85,7 +85,7 @@ def collect_evidence(
             ev[s.name].curvature = CurvatureSums(s.width)
     tensors = model.tensors()
     weights = {s.name: closed_form_weight(s, tensors) for s in sites}
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    generators = {s.name: site_generator(seed, s.name, 17) for s in sites}
     downstreams: dict[str, Any] = {}
     gndi = "gndi" in needs
     for batch in data.batches(batch_size, limit, labels=bool(sens)):
@@ -112,7 +112,7 @@ def collect_evidence(
                     labels = loss_labels(loss, batch.labels)
                 r = site_sensitivity(
                     s, v, logits, labels, weights[s.name], downstreams[s.name], x, frontiers[i],
-                    want_grad="grad" in needs, want_curv="curv" in needs, mode=curvature, generator=generator,
+                    want_grad="grad" in needs, want_curv="curv" in needs, mode=curvature, generator=generators[s.name],
                 )
                 e.curvature.update(v, r.grad, r.curv, s.unit_axis)  # type: ignore[union-attr]
         if progress is not None:

@@ -1,6 +1,13 @@
 """Planning a reduction: scores → selection → replacements (constant, optimal, affine, jointly
 refit), in one step or in a schedule of K steps with re-scoring in between.
 
+Fitted replacements (affine maps, jointly refit constants) come from second-order models of the
+network around the observed activations, which can fail far from them (a ReLU/BatchNorm stack
+after the site; measured: joint refit took the digits ConvNet from 88% to 27% accuracy). So each
+site's fitted replacement is shrunk towards the per-unit constants it started from,
+``start + t·(fitted − start)``, with t ∈ {1, ½, ¼, ⅛, 0} chosen by the clamped original's KL to
+its own predictions on calibration data: a fit is kept only as far as it helps fidelity.
+
 ``--schedule K`` is the CMR paper's iterative recomputation (§5.4, §6): the kept fraction goes
 from 1 to ``keep`` geometrically (``keep^(i/K)`` of each site's width after step i); after every
 step the plan so far is compiled into a temporary model, which is scored afresh, so later
@@ -18,7 +25,7 @@ from typing import Any
 
 from cmrtool.compile import compose, make_plan, with_affine, with_constants
 from cmrtool.errors import UsageError
-from cmrtool.plan import Plan
+from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.scoring import ScoreReport, score_model
 from cmrtool.sites import Site
 
@@ -53,7 +60,7 @@ def _one_step(
         with progress("fitting affine replacements", 2 * data.n) as advance:
             fits = fit_affine(model, data, sites, rep, kept, parents, ridge, weighted=report.criterion != "peer",
                               curvature=curvature, seed=seed, batch_size=batch_size, progress=advance)
-        plan = with_affine(plan, fits)
+        plan = _shrink(model, data, plan, with_affine(plan, fits), batch_size)
     if joint_refit:
         from cmrtool.refit import joint_constants
 
@@ -67,7 +74,7 @@ def _one_step(
                     model, data, site, sp.replaced, curvature, seed, batch_size, progress=advance,
                     loss="kl" if loss == "auto" else loss, start=sp.replacement.values,
                 )
-        plan = with_constants(plan, constants)
+        plan = _shrink(model, data, plan, with_constants(plan, constants), batch_size)
     extras: tuple[tuple[str, Any], ...] = (("joint_refit", True),) if joint_refit else ()
     if affine:
         extras += (("parents", parents), ("ridge", ridge))
@@ -79,6 +86,59 @@ def _one_step(
         source_sha256=plan.source_sha256, criterion=plan.criterion, sites=plan.sites, replacement=plan.replacement,
         seed=plan.seed, settings=plan.settings + extras,
     )
+
+
+_STEPS = (1.0, 0.5, 0.25, 0.125, 0.0)
+
+
+def _blend(start: SitePlan, fitted: SitePlan, t: float) -> SitePlan:
+    """``start + t·(fitted − start)`` for constants; for an affine fit, the intercept blends with
+    the start constant and the coefficients scale by t."""
+    r0, r1 = start.replacement, fitted.replacement
+    values = tuple((1 - t) * a + t * b for a, b in zip(r0.values, r1.values))
+    if r1.kind == "affine":
+        repl = Replacement("affine", values, r1.parents, tuple(tuple(t * c for c in cs) for cs in r1.coefficients))
+    else:
+        repl = Replacement("constant", values)
+    return SitePlan(fitted.name, fitted.kind, fitted.width, fitted.kept, fitted.replaced, repl)
+
+
+def _shrink(model: Any, data: Any, start: Plan, fitted: Plan, batch_size: int, samples: int = 1024) -> Plan:
+    """Per site, the blend of fitted and start replacements with the lowest calibration KL."""
+    import torch
+    import torch.nn.functional as F
+
+    from cmrtool.compile import clamp_edits, site_ranks
+
+    x = list(data.read(0, min(data.n, samples), labels=False).inputs)
+    with torch.no_grad():
+        ref = F.log_softmax(model.forward(x).to(torch.float64), -1)
+    ranks = site_ranks(model, x, [sp.name for sp in fitted.sites])
+    # Start from the per-unit constants everywhere and accept, site by site, only what lowers the
+    # KL: the result is never worse on calibration data than where it started.
+    current = [start.site(sp.name) for sp in fitted.sites]
+    chosen = {}
+    for i, sp in enumerate(fitted.sites):
+        if not sp.replaced:
+            continue
+        best = None
+        for t in _STEPS:
+            trial = current[:i] + [_blend(start.site(sp.name), sp, t)] + current[i + 1 :]
+            plan = dataclasses.replace(fitted, sites=tuple(trial))
+            kl = 0.0
+            with torch.no_grad():
+                for k in range(0, len(x[0]), batch_size):
+                    xb = [v[k : k + batch_size] for v in x]
+                    z, _ = model.run(xb, edits=clamp_edits(model, plan, ranks))
+                    lq = F.log_softmax(z.to(torch.float64), -1)
+                    lp = ref[k : k + batch_size]
+                    kl += float((lp.exp() * (lp - lq)).sum())
+            if best is None or kl < best[0] - 1e-12:
+                best = (kl, t, trial[i])
+        assert best is not None
+        current[i] = best[2]
+        chosen[sp.name] = best[1]
+    return dataclasses.replace(fitted, sites=tuple(current), settings=fitted.settings + (("fit_shrinkage", chosen),))
 
 
 def plan_reduction(

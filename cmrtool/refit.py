@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cmrtool.data import Dataset
-from cmrtool.sensitivity import check_curvature, closed_form_weight, loss_labels
+from cmrtool.sensitivity import check_curvature, closed_form_weight, loss_labels, site_generator
 from cmrtool.sites import Site
 
 __all__ = ["joint_constants"]
@@ -57,7 +57,7 @@ def joint_constants(
     A = torch.zeros(k, k, dtype=torch.float64)
     b = torch.zeros(k, dtype=torch.float64)
     weight = closed_form_weight(site, model.tensors())
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + 43)
+    generator = site_generator(seed, site.name, 43)
     downstream = None
     axis = site.unit_axis
     for batch in data.batches(batch_size, limit, labels=True):

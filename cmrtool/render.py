@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cmrtool.output import fmt_float, fmt_int
 
-__all__ = ["inspect_table", "score_table", "compile_table", "verify_table", "bench_table"]
+__all__ = ["inspect_table", "score_table", "compile_table", "verify_table", "bench_table", "audit_table"]
 
 
 def inspect_table(report: Any, console: Console) -> None:
@@ -175,3 +175,32 @@ def bench_table(report: Any, console: Console) -> None:
     )
     for n in report.notes:
         console.print(f"note: {n}", markup=False)
+
+
+def audit_table(report: Any, console: Console) -> None:
+    d = report.to_json()
+    lo, hi = d["scale_range"]
+    console.print(
+        f"reparameterization audit: every ReLU unit rescaled by s ~ LogUniform({lo:g}, {hi:g}) with the inverse on its "
+        f"consumers; kept-set Jaccard at keep {d['keep']} over {d['seeds']} seeds (1 = invariant; two random halves ≈ 1/3)",
+        markup=False,
+    )
+    console.print(f"function unchanged: max |Δlogit| = {fmt_float(d['max_logit_change'])}", markup=False)
+    t = Table(show_edge=False, header_style="bold")
+    for col in ("site", "criterion", "Jaccard (mean ± sd)"):
+        t.add_column(col, justify="right" if col.startswith("Jaccard") else "left", no_wrap=True)
+    for s in d["sites"]:
+        for i, (c, r) in enumerate(s["criteria"].items()):
+            t.add_row(escape(s["name"]) if i == 0 else "", c, f"{r['jaccard_mean']:.3f} ± {r['jaccard_sd']:.3f}")
+    console.print(t)
+    for sk in d["skipped"]:
+        console.print(f"skipped {sk['name']}: {sk['reason']}", markup=False)
+    v = d["validation"]
+    if v:
+        console.print(f"criterion validation on {v['units']} sampled units: rank correlation with the true damage ({v['damage']})", markup=False)
+        vt = Table(show_edge=False, header_style="bold")
+        for col in ("criterion", "Spearman", "Kendall"):
+            vt.add_column(col, justify="left" if col == "criterion" else "right")
+        for c, r in v["criteria"].items():
+            vt.add_row(c, fmt_float(r["spearman"]), fmt_float(r["kendall"]))
+        console.print(vt)

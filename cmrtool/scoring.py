@@ -1,9 +1,9 @@
 """Scoring: one streaming pass over calibration data, then a criterion per site.
 
-The pass captures every selected site's value for each batch, reshapes it to
-``(samples, width)`` and folds it into float64 :class:`~cmrtool.stats.Moments`; nothing of the
-activations is kept. The criterion then turns the statistics (and the consumer weights) into a
-score and a replacement per unit (:mod:`cmrtool.criteria`).
+The pass (:func:`cmrtool.evidence.collect_evidence`) gathers what the criterion needs per site:
+float64 moments always, plus co-moments, loss gradients and curvature, or G-NDI sums; nothing
+of the activations is kept. The criterion then turns the evidence (and the consumer weights)
+into a score and a replacement per unit (:mod:`cmrtool.criteria`).
 
 The result, :class:`ScoreReport`, round-trips through JSON (``cmrtool score --json``), so
 ``cmrtool score … --json | cmrtool compile … --scores -`` composes.
@@ -31,7 +31,6 @@ __all__ = [
     "SiteScores",
     "ScoreReport",
     "select_sites",
-    "collect_moments",
     "score_model",
     "ProgressFn",
 ]
@@ -177,40 +176,6 @@ def select_sites(
     if not chosen:
         raise UsageError("the selection leaves no sites", "drop --kind/--site, or see cmrtool inspect for the sites")
     return chosen
-
-
-def collect_moments(
-    model: Any,
-    data: Dataset,
-    sites: Sequence[Site],
-    batch_size: int = 256,
-    progress: ProgressFn | None = None,
-    limit: int | None = None,
-) -> dict[str, Moments]:
-    """Stream ``data`` through ``model`` once and return float64 moments per site."""
-    moments = {s.name: Moments(s.width) for s in sites}
-    names = [s.name for s in sites]
-    axes = {s.name: s.unit_axis for s in sites}
-    in_graph = hasattr(model, "batch_moments")
-    with torch.no_grad():
-        for batch in data.batches(batch_size, limit, labels=False):
-            if in_graph:  # the backend reduces inside its graph: activations never surface
-                for name, (n, mean, m2) in model.batch_moments(batch.inputs, names).items():
-                    moments[name].add_partial(n, mean, m2)
-                if progress is not None:
-                    progress(len(batch))
-                continue
-            _, values = model.run(batch.inputs, capture=names)
-            for name, v in values.items():
-                if v.dim() == 0 or v.shape[axes[name]] != moments[name].width:
-                    raise InputError(
-                        f"site {name} produced a value of shape {tuple(v.shape)}, expected {moments[name].width} units on axis {axes[name]}",
-                        "the model's graph does not match its weights; re-export it",
-                    )
-                moments[name].update_value(v, axes[name])
-            if progress is not None:
-                progress(len(batch))
-    return moments
 
 
 def score_model(

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from cmrtool.errors import UsageError
 from cmrtool.sites import Site
 
-__all__ = ["CURVATURE_MODES", "LOSSES", "Sensitivity", "closed_form_weight", "site_sensitivity", "check_curvature", "check_loss", "loss_labels"]
+__all__ = ["CURVATURE_MODES", "LOSSES", "Sensitivity", "site_generator", "closed_form_weight", "site_sensitivity", "check_curvature", "check_loss", "loss_labels"]
 
 CURVATURE_MODES = ("auto", "exact", "sampled")
 # The loss whose gradient and curvature are measured: cross-entropy on the data's labels when it
@@ -40,6 +40,14 @@ CURVATURE_MODES = ("auto", "exact", "sampled")
 # prediction (kl: zero gradient at the original activations, Fisher curvature).
 LOSSES = ("auto", "ce", "kl")
 _EXACT_MAX_CLASSES = 64
+
+
+def site_generator(seed: int, site: str, salt: int) -> torch.Generator:
+    """A draw stream for one site: it depends on the seed and the site's name only, so a site
+    gets the same draws whichever other sites are scored with it (invariances stay exact)."""
+    import zlib
+
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(site.encode()) * 31 + salt) % (2**63))
 
 
 def check_curvature(mode: str) -> None:
