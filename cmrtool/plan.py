@@ -13,6 +13,7 @@ Replacements (DESIGN §3.2–3.4):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ class Replacement:
     def __post_init__(self) -> None:
         if self.kind != "constant":
             raise InputError(f"unknown replacement kind '{self.kind}'", "this cmrtool supports 'constant' replacements")
+        if not all(math.isfinite(v) for v in self.values):
+            raise InputError("a replacement value is NaN or infinite", "regenerate the plan from finite scores")
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "values": list(self.values)}
@@ -55,7 +58,8 @@ class SitePlan:
     replacement: Replacement
 
     def __post_init__(self) -> None:
-        if sorted(self.kept + self.replaced) != list(range(self.width)):
+        # Lengths first: a corrupt width must not make us build a huge range.
+        if len(self.kept) + len(self.replaced) != self.width or sorted(self.kept + self.replaced) != list(range(self.width)):
             raise InputError(
                 f"plan for site {self.name} does not partition its {self.width} units into kept and replaced",
                 "regenerate the plan with cmrtool compile",
@@ -145,15 +149,15 @@ class Plan:
             )
         except InputError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise InputError(f"plan is malformed ({type(e).__name__}: {e})", "regenerate it with cmrtool compile") from e
 
     @classmethod
     def loads(cls, text: str | bytes) -> Plan:
         try:
             d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"plan is not valid JSON: {e}", "regenerate it with cmrtool compile") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise InputError(f"plan is not valid JSON: {str(e)[:200]}", "regenerate it with cmrtool compile") from e
         if not isinstance(d, dict):
             raise InputError("plan is not a JSON object", "regenerate it with cmrtool compile")
         return cls.from_json(d)
