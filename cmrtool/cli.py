@@ -10,9 +10,12 @@ failed); any other exception is reported the same way without a traceback unless
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -20,7 +23,7 @@ import typer
 
 from cmrtool import __version__
 from cmrtool.criteria import ALLOCATIONS, DEFAULT_CRITERION, REGISTRY, REPLACEMENT_MODES
-from cmrtool.errors import CmrError
+from cmrtool.errors import CmrError, Interrupted
 
 __all__ = ["app", "main"]
 
@@ -148,6 +151,7 @@ def score(
     import torch
 
     from cmrtool import api, render
+    from cmrtool.distributed import is_writer
     from cmrtool.io import atomic_write_bytes, check_output_path
     from cmrtool.selection import choose_kept, kept_width, validate_keep
 
@@ -162,7 +166,7 @@ def score(
         for s in doc["sites"]:
             k = kept_width(s["name"], s["width"], keep, keep_count, round_to)
             s["kept"] = list(choose_kept(torch.tensor(s["scores"], dtype=torch.float64), k)[0])
-    if output is not None:
+    if output is not None and is_writer():  # under torchrun, rank 0 writes
         atomic_write_bytes(output, (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode())
         out.log(f"wrote {output}")
     out.result(doc, lambda c: render.score_table(doc, c))
@@ -342,48 +346,77 @@ def _root(
 
 
 def _print_error(message: str, hint: str) -> None:
-    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    from cmrtool import distributed
+
+    prefix = f"rank {distributed.rank()}: " if distributed.rank() else ""
+    sys.stderr.write(f"error: {prefix}{' '.join(message.split())}\n")
     if hint:
         sys.stderr.write(f"hint: {' '.join(hint.split())}\n")
     sys.stderr.flush()
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a CI timeout, torchrun stopping its workers) stops the command the way
+    Ctrl-C does: exception handlers remove partial outputs, then ``error: interrupted``."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (used by ``python -m cmrtool`` and the console script)."""
+    """Run the CLI; returns the exit code (used by ``python -m cmrtool`` and the console script).
+
+    Under torchrun every rank runs this; errors are agreed between ranks and printed once, by
+    rank 0 (:mod:`cmrtool.distributed`).
+    """
+    from cmrtool import distributed
+
     debug = os.environ.get("CMRTOOL_DEBUG", "") not in ("", "0")
     args = sys.argv[1:] if argv is None else argv
     if not debug:  # library warnings (tracer, deprecations) are noise for a CLI user
         warnings.filterwarnings("ignore")
     try:
-        rv = app(args=args, prog_name="cmrtool", standalone_mode=False)
+        with _sigterm_interrupts():
+            distributed.init()  # joins torchrun's process group when WORLD_SIZE > 1
+            rv = app(args=args, prog_name="cmrtool", standalone_mode=False)
+            if not rv:
+                distributed.finish()
         if rv == 130:  # typer turns KeyboardInterrupt into exit code 130
             _print_error("interrupted", "no output was written")
         return rv if isinstance(rv, int) else 0
-    except CmrError as e:
-        if debug:
-            raise
-        _print_error(e.message, e.hint)
-        return e.exit_code
-    except typer.TyperException as e:  # usage errors raised by the argument parser
-        if debug:
-            raise
-        code = getattr(e, "exit_code", 2)
-        cmd = next((a for a in args if not a.startswith("-")), "")
-        _print_error(e.format_message(), f"see 'cmrtool {cmd + ' ' if cmd else ''}--help'")
-        return code if code else 2
-    except typer.Abort:
-        _print_error("aborted", "")
-        return 130
-    except KeyboardInterrupt:
-        _print_error("interrupted", "no output was written")
-        return 130
+    except (KeyboardInterrupt, Interrupted) as e:
+        if distributed.is_writer():
+            _print_error("interrupted" + (f" ({e})" if isinstance(e, Interrupted) else ""), "no output was written")
+        return 143 if isinstance(e, Interrupted) else 130
     except BrokenPipeError:
         return 0
-    except Exception as e:  # the last line of defence: no tracebacks for users
+    except Exception as e:
+        shown, here = distributed.fail(e)
         if debug:
             raise
-        _print_error(f"internal error: {type(e).__name__}: {e}", "set CMRTOOL_DEBUG=1 to see the traceback, and please report it")
-        return 1
+        if isinstance(shown, CmrError):
+            message, hint, code = shown.message, shown.hint, shown.exit_code
+        elif isinstance(shown, typer.Abort):
+            message, hint, code = "aborted", "", 130
+        elif isinstance(shown, typer.TyperException):  # usage errors raised by the argument parser
+            cmd = next((a for a in args if not a.startswith("-")), "")
+            message, hint, code = shown.format_message(), f"see 'cmrtool {cmd + ' ' if cmd else ''}--help'", getattr(shown, "exit_code", 2) or 2
+        else:  # the last line of defence: no tracebacks for users
+            message, hint, code = f"internal error: {type(shown).__name__}: {shown}", "set CMRTOOL_DEBUG=1 to see the traceback, and please report it", 1
+        if here:
+            _print_error(message, hint)
+        return code
 
 
 def run() -> None:

@@ -6,14 +6,17 @@ or zero (``"zero"``: plain deletion without folding a meaningful constant, the b
 shows what folding buys).
 
 :func:`compile_model` folds the plan (:func:`cmrtool.fold.fold`, a pure function), writes the
-checkpoint to a temporary file, reloads it and measures the **fold error**
+checkpoint to an unnamed temporary file, reloads it and measures the **fold error**
 ``max |R(x) − O_clamped(x)|`` on a check batch, where ``O_clamped`` is the original with
-replaced units fixed to their replacements (DESIGN §3.5 step 1). Only then is the file renamed
-into place; an exact site whose fold error exceeds float rounding aborts the compile.
+replaced units fixed to their replacements (DESIGN §3.5 step 1). Only then does the file get
+its name in the directory; an exact site whose fold error exceeds float rounding aborts the
+compile. The write is atomic (:func:`cmrtool.io.atomic_write`: an interrupted or killed compile
+leaves no file), and under torchrun only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 
+from cmrtool import distributed
 from cmrtool.criteria import ALLOCATIONS, REGISTRY, REPLACEMENT_MODES, get_criterion
 from cmrtool.errors import CmrError, InputError, UsageError
 from cmrtool.fold import fold
@@ -339,14 +343,18 @@ def compile_model(
     fe: FoldError | None = None
     notes: list[str] = []
     out = Path(output)
-    with atomic_write(out) as tmp:
-        model.write(tmp, result.tensors, plan)
+    distributed.sync()  # under torchrun: every rank is ready and none failed before rank 0 writes
+    with atomic_write(out) if distributed.is_writer() else contextlib.nullcontext() as tmp:
+        if tmp is None:  # another torchrun rank: same plan, rank 0 writes and checks it
+            check_inputs = None
+        else:
+            model.write(tmp, result.tensors, plan)
         reduced = type(model)(str(tmp)) if check_inputs is not None else None
         if reduced is not None and check_inputs is not None:
             fe = fold_error(model, reduced, plan, check_inputs)
             exact = all(model.site(s.name).fold == "exact" for s in plan.sites if s.replaced)
             tol = _ROUNDING.get(model.dtype, 1e-5)
-            if exact and fe.relative > tol:
+            if exact and not fe.relative <= tol:  # NaN fails too
                 raise CmrError(
                     f"the compiled model differs from the clamped original by {fe.max_abs:.3g} (relative {fe.relative:.3g})",
                     "this model's graph is not supported for exact folding; set CMRTOOL_DEBUG=1 and report it",

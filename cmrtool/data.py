@@ -2,9 +2,11 @@
 
 A data file holds the model's inputs under ``input`` (or under the names of the forward
 arguments, e.g. ``input_ids`` and ``attention_mask``) and optionally integer ``labels``. Formats:
-safetensors (read slice by slice, never whole), ``.npz``, ``.npy`` (a single ``input`` array,
-memory-mapped) and ``.pt`` (loaded with ``weights_only=True``). ``-`` reads a safetensors file
-from standard input. Every batch is checked for NaN and Inf before it reaches the model.
+safetensors (read row range by row range with positioned reads, never whole and never
+memory-mapped: :mod:`cmrtool.tensorfile`), ``.npy`` (a single ``input`` array, read the same
+way), ``.npz`` and ``.pt`` (``weights_only=True``); the last two are held whole, so prefer
+safetensors for large data. ``-`` reads a safetensors file from standard input (buffered
+whole). Every batch is checked for NaN and Inf before it reaches the model.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Any
 
 import torch
 
-from cmrtool.errors import InputError
+from cmrtool.errors import InputError, UsageError
 from cmrtool.io import STDIO, read_bytes, require_file
+from cmrtool.tensorfile import NpyFile, RowFile, SafetensorsFile
 
 __all__ = ["Batch", "Dataset", "open_data"]
 
@@ -46,33 +49,26 @@ class _Reader:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._st: Any = None
-        self._slices: dict[str, Any] = {}
+        self._file: RowFile | None = None
         self._arrays: dict[str, Any] = {}
         suffix = Path(path).suffix.lower()
         try:
+            if path != STDIO:  # first: a missing file or a directory says so, whatever its suffix
+                require_file(path, "data file")
             if path == STDIO:
                 from safetensors.torch import load as st_load
 
                 self._arrays = dict(st_load(read_bytes(path)))
             elif suffix in (".safetensors", ".st"):
-                from safetensors import safe_open
-
-                require_file(path, "data file")
-                self._st = safe_open(path, framework="pt")
+                self._file = SafetensorsFile(path)
             elif suffix == ".npy":
-                import numpy as np
-
-                require_file(path, "data file")
-                self._arrays = {INPUT: np.load(path, mmap_mode="r", allow_pickle=False)}
+                self._file = NpyFile(path, INPUT)
             elif suffix == ".npz":
                 import numpy as np
 
-                require_file(path, "data file")
                 with np.load(path, allow_pickle=False) as z:
-                    self._arrays = {k: z[k] for k in z.files}
+                    self._arrays = {k: torch.from_numpy(_plain(z[k], k, path)) for k in z.files}
             elif suffix in (".pt", ".pth", ".bin"):
-                require_file(path, "data file")
                 if _is_torchscript(path):
                     raise InputError(
                         f"{path} is a TorchScript model, not a data file",
@@ -83,7 +79,7 @@ class _Reader:
                     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
                 if isinstance(obj, torch.Tensor):
                     obj = {INPUT: obj}
-                if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
                     raise InputError(
                         f"{path} does not hold a tensor or a dict of tensors",
                         "save data as {'input': tensor, 'labels': tensor}",
@@ -103,33 +99,31 @@ class _Reader:
             ) from e
 
     def names(self) -> list[str]:
-        return list(self._st.keys()) if self._st is not None else list(self._arrays)
+        return self._file.names() if self._file is not None else list(self._arrays)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if self._st is not None:
-            return tuple(self._st.get_slice(name).get_shape())
+        if self._file is not None:
+            return self._file.infos[name].shape
         return tuple(self._arrays[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        if self._st is not None:
-            return _st_dtype(self._st.get_slice(name).get_dtype())
-        arr = self._arrays[name]
-        if isinstance(arr, torch.Tensor):
-            return arr.dtype
-        return torch.from_numpy(arr[:0].copy()).dtype
+        if self._file is not None:
+            return self._file.infos[name].dtype
+        return self._arrays[name].dtype
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        if self._st is not None:
-            sl = self._slices.get(name)
-            if sl is None:
-                sl = self._slices[name] = self._st.get_slice(name)
-            return sl[start:stop]
-        arr = self._arrays[name][start:stop]
-        if isinstance(arr, torch.Tensor):
-            return arr
-        import numpy as np
+        if self._file is not None:
+            return self._file.rows(name, start, stop)
+        return self._arrays[name][start:stop]
 
-        return torch.from_numpy(np.array(arr, copy=True))  # memory-mapped rows are read-only
+
+def _plain(arr: Any, name: str, path: str) -> Any:
+    """A numpy array torch can take (numeric, native byte order), or an InputError."""
+    import numpy as np
+
+    if arr.dtype.hasobject or arr.dtype.kind not in "biufc":
+        raise InputError(f"array '{name}' in {path} has dtype {arr.dtype}", "store inputs as float32 (or int64 token ids)")
+    return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("="), copy=False))
 
 
 def _is_zip(path: str) -> bool:
@@ -154,24 +148,6 @@ def _row_bytes(reader: _Reader, name: str) -> int:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
-
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _st_dtype(code: str) -> torch.dtype:
-    return _ST_DTYPES.get(code, torch.float32)
 
 
 class Dataset:
@@ -251,18 +227,24 @@ class Dataset:
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self._reader.shape(k) for k in self.keys}
 
-    def batches(self, batch_size: int, limit: int | None = None, labels: bool = True) -> Iterator[Batch]:
-        """Yield consecutive batches, reading only those rows from disk (labels if asked).
-
-        Rows are read ahead in chunks of several batches (about 16 MB at most), so a slice call
-        and a finiteness check cost once per chunk, not once per batch.
-        """
+    def chunk_batches(self, batch_size: int) -> int:
+        """How many batches one read-ahead chunk holds (at most 16, about 16 MB at most)."""
         if batch_size < 1:
-            raise InputError(f"batch size must be at least 1, got {batch_size}", "pass --batch-size 256")
-        n = self.n if limit is None else min(self.n, limit)
+            raise UsageError(f"--batch-size must be at least 1, got {batch_size}", "e.g. --batch-size 256")
         per_row = max(1, sum(_row_bytes(self._reader, k) for k in self.keys))
-        chunk = batch_size * max(1, min(16, (16 << 20) // (per_row * batch_size)))
-        for c0 in range(0, n, chunk):
+        return max(1, min(16, (16 << 20) // (per_row * batch_size)))
+
+    def batches(self, batch_size: int, limit: int | None = None, labels: bool = True, start: int = 0) -> Iterator[Batch]:
+        """Yield consecutive batches of rows ``[start, limit)``, reading only those rows (labels if asked).
+
+        Rows are read ahead in chunks of several batches (about 16 MB at most), so a read and
+        a finiteness check cost once per chunk, not once per batch. Batch boundaries fall at
+        ``start + i · batch_size`` whatever the chunking, so a batch's contents do not depend on
+        how many batches were read together (distributed scoring relies on this).
+        """
+        chunk = batch_size * self.chunk_batches(batch_size)
+        n = self.n if limit is None else min(self.n, limit)
+        for c0 in range(max(0, start), n, chunk):
             block = self.read(c0, min(n, c0 + chunk), labels)
             for b0 in range(0, len(block), batch_size):
                 b1 = b0 + batch_size

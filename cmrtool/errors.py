@@ -7,7 +7,7 @@ that names the fix. The CLI prints them as ``error: ...`` / ``hint: ...`` on std
 
 from __future__ import annotations
 
-__all__ = ["CmrError", "UsageError", "InputError", "UnsupportedModelError", "VerificationFailed"]
+__all__ = ["CmrError", "UsageError", "InputError", "UnsupportedModelError", "VerificationFailed", "Interrupted"]
 
 
 class CmrError(Exception):
@@ -47,3 +47,8 @@ class VerificationFailed(CmrError):
     """Verification ran and a threshold was not met (exit code 3)."""
 
     exit_code = 3
+
+
+class Interrupted(BaseException):
+    """A termination signal (SIGTERM) arrived; raised like ``KeyboardInterrupt`` so that every
+    ``finally`` and cleanup handler runs, and deliberately not an ``Exception``."""

@@ -8,8 +8,10 @@
   with b the mean from the first pass (seed 003's G-NDI; exact Jacobians, one backward pass per
   class).
 
-When only moments are needed and the backend can reduce inside its graph, that fast path is used
-(:meth:`cmrtool.backends.torchscript.TorchScriptModel.batch_moments`). Otherwise one capture per
+When only moments are needed, :func:`cmrtool.scoring.collect_moments` is used: the backend
+reduces inside its graph (:meth:`cmrtool.backends.torchscript.TorchScriptModel.batch_moments`)
+and the pass can be sharded across torchrun ranks with bit-identical results. The other evidence
+is gathered in one process. Otherwise one capture per
 batch yields every site's value, the logits and each site's frontier, and each site's gradients
 come from a backward pass through the network after that site only.
 """
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from cmrtool.data import Dataset
-from cmrtool.errors import InputError
+from cmrtool.errors import InputError, UsageError
 from cmrtool.sensitivity import closed_form_weight, loss_labels, site_generator, site_sensitivity
 from cmrtool.sites import Site
 from cmrtool.stats import Comoments, CurvatureSums, Moments
@@ -66,17 +68,21 @@ def collect_evidence(
     loss: str = "auto",
 ) -> dict[str, SiteEvidence]:
     """Stream ``data`` through ``model`` and return per-site evidence for ``needs``."""
+    if needs <= {"moments"}:
+        # Moments only: the streaming pass that also runs sharded under torchrun, bit for bit.
+        from cmrtool.scoring import collect_moments
+
+        return {name: SiteEvidence(m) for name, m in collect_moments(model, data, sites, batch_size, progress, limit).items()}
+    from cmrtool import distributed
+
+    if distributed.enabled():
+        raise UsageError(
+            f"under torchrun cmrtool gathers moments only; this needs {', '.join(sorted(needs - {'moments'}))}",
+            "run criteria based on gradients or covariances (and fitted replacements) in one process, "
+            "or use a moments criterion (cmr-logit, vbp, magnitude, random) with torchrun",
+        )
     ev = {s.name: SiteEvidence(Moments(s.width)) for s in sites}
     names = [s.name for s in sites]
-    fast = needs <= {"moments"} and hasattr(model, "batch_moments")
-    if fast:
-        with torch.no_grad():
-            for batch in data.batches(batch_size, limit, labels=False):
-                for name, (n, mean, m2) in model.batch_moments(batch.inputs, names).items():
-                    ev[name].moments.add_partial(n, mean, m2)
-                if progress is not None:
-                    progress(len(batch))
-        return ev
     sens = needs & {"grad", "curv"}
     for s in sites:
         if "cov" in needs:

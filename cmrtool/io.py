@@ -1,15 +1,19 @@
 """Files: reading inputs (``-`` is stdin), hashing them, and writing outputs atomically.
 
-Outputs are written to a temporary file in the destination directory and renamed into place,
-so an interrupted run never leaves a partial file. An output that would overwrite one of the
+Outputs are written to an unnamed file in the destination directory (Linux ``O_TMPFILE``) that
+gets its name only when complete, so an interrupted run, even one killed with SIGKILL, never
+leaves a partial file; elsewhere a hidden temporary file is renamed into place
+(:func:`atomic_write` states the guarantees precisely). An output that would overwrite one of the
 command's inputs is always refused; an existing output is refused unless ``force`` is given.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -80,6 +84,15 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _can_create_in(directory: Path) -> bool:
+    """Try it: permission bits do not tell root about read-only or pseudo filesystems."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
 def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: bool = False) -> Path:
     """Validate an output path before any work is done.
 
@@ -101,24 +114,133 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: b
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
         raise InputError(f"output directory does not exist: {parent}", f"create it first: mkdir -p {parent}")
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir():
+        raise InputError(f"output directory is not a directory: {parent}", "give a path inside an existing directory")
+    if not os.access(parent, os.W_OK) or not _can_create_in(parent):
         raise InputError(f"output directory is not writable: {parent}", "choose a directory you can write to")
     if out.exists() and not force:
         raise UsageError(f"output {out} already exists", "pass --force to replace it, or choose another name")
     return out
 
 
+_PENDING: set[str] = set()  # paths yielded by atomic_write that are still being written
+_NO_SPACE_OR_RIGHTS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _unwritable(directory: Path, e: OSError) -> InputError:
+    return InputError(f"cannot write to {directory}: {e.strerror or e}", "choose a directory you can write to (and that has space)")
+
+
+def _unnamed_file(directory: Path) -> int | None:
+    """An unnamed regular file in ``directory`` (Linux ``O_TMPFILE``), or None where unsupported."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if not flag or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(directory, flag | os.O_RDWR | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in _NO_SPACE_OR_RIGHTS:
+            raise _unwritable(directory, e) from e
+        return None  # EOPNOTSUPP, EISDIR, EINVAL: the filesystem or kernel lacks O_TMPFILE
+
+
+def _hidden_name(dest: Path) -> str:
+    return f".{dest.name}.{secrets.token_hex(4)}.partial"
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the destination directory; rename it to ``path`` on success.
+    """Yield a path to write the output through; the output appears at ``path`` only on success.
 
-    On any exception (including KeyboardInterrupt) the temporary file is removed and nothing
-    appears at ``path``.
+    Guarantees (Linux, on filesystems with ``O_TMPFILE``: ext4, xfs, btrfs, tmpfs):
+
+    - the file is created *unnamed* in the destination directory and the yielded path is its
+      ``/proc/self/fd/N`` alias, which writers open by name and readers reload (``compile``
+      measures the fold error on exactly what it wrote); until the final link nothing in the
+      directory has a name, so any exception, SIGTERM, or even SIGKILL or a power cut while
+      writing leaves nothing behind;
+    - on success the data is fsynced and linked to ``path`` in one ``linkat``. With ``--force``
+      over an existing file it is linked under a hidden name and renamed over ``path``: a
+      SIGKILL between those two system calls is the only way a ``.NAME.XXXX.partial`` remains.
+
+    Elsewhere (no ``O_TMPFILE``): a hidden ``.NAME.XXXX.partial`` file in the destination
+    directory, renamed into place on success and removed on any exception, including Ctrl-C and
+    SIGTERM; SIGKILL during the write leaves it.
+
+    An ``atomic_write`` on a path that an outer ``atomic_write`` yielded writes straight into it
+    (the outer one provides the atomicity).
     """
     dest = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent or Path("."))
-    os.close(fd)
+    if str(dest) in _PENDING:
+        yield dest
+        return
+    directory = dest.parent if str(dest.parent) else Path(".")
+    fd = _unnamed_file(directory)
+    if fd is None:
+        with _named_temp(dest, directory) as tmp:
+            yield tmp
+        return
+    alias = f"/proc/self/fd/{fd}"
+    _PENDING.add(alias)
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        _PENDING.discard(alias)
+        os.close(fd)
+        raise _unwritable(directory, e) from e
+    try:
+        yield Path(alias)
+        _PENDING.discard(alias)
+        try:
+            _link_into_place(fd, alias, dest.name, dir_fd)
+        except OSError as e:
+            raise _unwritable(directory, e) from e
+    finally:
+        _PENDING.discard(alias)
+        os.close(dir_fd)
+        os.close(fd)  # an unnamed file that was never linked vanishes here
+
+
+def _link_into_place(fd: int, alias: str, name: str, dir_fd: int) -> None:
+    """fsync the unnamed file and give it ``name`` (replacing an existing file atomically)."""
+    os.fsync(fd)
+    try:
+        os.link(alias, name, dst_dir_fd=dir_fd)  # linkat(..., AT_SYMLINK_FOLLOW)
+    except FileExistsError:  # --force over an existing output: link aside, then rename over it
+        hidden = _hidden_name(Path(name))
+        os.link(alias, hidden, dst_dir_fd=dir_fd)
+        try:
+            os.replace(hidden, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(hidden, dir_fd=dir_fd)
+            raise
+    with contextlib.suppress(OSError):
+        os.fsync(dir_fd)  # make the new name durable
+
+
+@contextlib.contextmanager
+def _named_temp(dest: Path, directory: Path) -> Iterator[Path]:
+    """The portable fallback of :func:`atomic_write`: a hidden temp file renamed into place."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=directory)
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
+    except OSError as e:
+        raise _unwritable(directory, e) from e
     tmp_path = Path(tmp)
+    _PENDING.add(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
@@ -128,6 +250,8 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+    finally:
+        _PENDING.discard(tmp)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -3,7 +3,9 @@ program), logs, warnings and progress on stderr.
 
 JSON is chosen by ``--json`` or automatically when stdout is not a terminal, so
 ``cmrtool score … | jq`` and ``cmrtool score … > scores.json`` get JSON without a flag.
-Progress bars are drawn only when stderr is a terminal and ``--quiet`` is not given.
+Progress bars (with an ETA) are drawn only when stderr is a terminal and ``--quiet`` is not
+given; otherwise one summary line is logged when the pass ends. Under torchrun only rank 0
+prints (results, logs, warnings, progress); errors are the error boundary's business.
 """
 
 from __future__ import annotations
@@ -58,8 +60,11 @@ class Output:
     """
 
     def __init__(self, json_mode: bool | None = None, quiet: bool = False) -> None:
+        from cmrtool.distributed import is_writer
+
         self.json = (not sys.stdout.isatty()) if json_mode is None else json_mode
-        self.quiet = quiet
+        self.silent = not is_writer()  # another torchrun rank: rank 0 speaks for the job
+        self.quiet = quiet or self.silent
         self.out = Console(highlight=False, soft_wrap=False)
         self.err = Console(stderr=True, highlight=False)
 
@@ -68,10 +73,13 @@ class Output:
             self.err.print(message, markup=False)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"warning: {message}", markup=False)
+        if not self.silent:
+            self.err.print(f"warning: {message}", markup=False)
 
     def result(self, doc: dict[str, Any], human: Callable[[Console], None]) -> None:
         """Emit the command's result: ``doc`` as JSON, or ``human(console)`` for a person."""
+        if self.silent:
+            return
         if self.json:
             sys.stdout.write(json.dumps(_clean(doc), indent=2, allow_nan=False) + "\n")
             sys.stdout.flush()

@@ -15,6 +15,7 @@ Replacements (DESIGN §3.2–3.4):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,8 @@ class Replacement:
             raise InputError("affine replacement: parents, coefficients and intercepts differ in length", "regenerate the plan with cmrtool compile")
         if any(len(p) != len(c) for p, c in zip(self.parents, self.coefficients)):
             raise InputError("affine replacement: a unit has a different number of parents and coefficients", "regenerate the plan with cmrtool compile")
+        if not all(math.isfinite(v) for v in self.values) or not all(math.isfinite(c) for cs in self.coefficients for c in cs):
+            raise InputError("a replacement value is NaN or infinite", "regenerate the plan from finite scores")
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind, "values": list(self.values)}
@@ -77,7 +80,8 @@ class SitePlan:
     replacement: Replacement
 
     def __post_init__(self) -> None:
-        if sorted(self.kept + self.replaced) != list(range(self.width)):
+        # Lengths first: a corrupt width must not make us build a huge range.
+        if len(self.kept) + len(self.replaced) != self.width or sorted(self.kept + self.replaced) != list(range(self.width)):
             raise InputError(
                 f"plan for site {self.name} does not partition its {self.width} units into kept and replaced",
                 "regenerate the plan with cmrtool compile",
@@ -170,15 +174,15 @@ class Plan:
             )
         except InputError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise InputError(f"plan is malformed ({type(e).__name__}: {e})", "regenerate it with cmrtool compile") from e
 
     @classmethod
     def loads(cls, text: str | bytes) -> Plan:
         try:
             d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"plan is not valid JSON: {e}", "regenerate it with cmrtool compile") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise InputError(f"plan is not valid JSON: {str(e)[:200]}", "regenerate it with cmrtool compile") from e
         if not isinstance(d, dict):
             raise InputError("plan is not a JSON object", "regenerate it with cmrtool compile")
         return cls.from_json(d)

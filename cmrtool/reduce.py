@@ -48,6 +48,12 @@ def _one_step(
             report = score_model(model, data, criterion, sites, seed, batch_size, advance, None, curvature, parents, ridge, extra, loss)
     plan = make_plan(report, sites, keep, keep_count, round_to, replacement, allocation, counts)
     affine = _needs_affine(report, replacement)
+    if (affine or joint_refit) and data is not None:
+        from cmrtool import distributed
+
+        if distributed.enabled():
+            raise UsageError("fitted replacements (affine, --joint-refit) run in one process, not under torchrun",
+                             "run this compile without torchrun")
     if affine:
         if joint_refit:
             raise UsageError("--joint-refit refits constants; it does not apply to affine replacements", "drop --joint-refit or choose a constant replacement")

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from cmrtool import __version__
+from cmrtool import __version__, distributed
 from cmrtool.criteria import Evidence, consumer_sq_norms, get_criterion
-from cmrtool.data import Dataset
+from cmrtool.data import Batch, Dataset
 from cmrtool.errors import InputError, UsageError
 from cmrtool.sites import Site
 from cmrtool.stats import Moments
@@ -81,6 +82,8 @@ class SiteScores:
         mean = tuple(float(x) for x in d.get("mean", replacement))
         if not (len(scores) == len(replacement) == len(mean) == width):
             raise InputError(f"scores for site {d['name']} do not have {width} entries", "regenerate them with cmrtool score --json")
+        if not all(math.isfinite(v) for v in scores + replacement + mean):
+            raise InputError(f"scores for site {d['name']} contain NaN or infinite values", "regenerate them with cmrtool score --json")
         return cls(
             str(d["name"]), str(d.get("kind", "neuron")), width, scores, replacement, mean, int(d.get("samples", 0)),
             str(d.get("fold", "exact")), str(d.get("replacement_kind", "constant")),
@@ -136,15 +139,15 @@ class ScoreReport:
             )
         except InputError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise InputError(f"the scores file is malformed ({type(e).__name__}: {e})", "regenerate it with cmrtool score --json") from e
 
     @classmethod
     def loads(cls, text: str | bytes) -> ScoreReport:
         try:
             return cls.from_json(json.loads(text))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"the scores file is not valid JSON: {e}", "produce it with: cmrtool score MODEL --calib DATA --json > scores.json") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise InputError(f"the scores file is not valid JSON: {str(e)[:200]}", "produce it with: cmrtool score MODEL --calib DATA --json > scores.json") from e
 
 
 def select_sites(
@@ -176,6 +179,61 @@ def select_sites(
     if not chosen:
         raise UsageError("the selection leaves no sites", "drop --kind/--site, or see cmrtool inspect for the sites")
     return chosen
+
+
+def collect_moments(
+    model: Any,
+    data: Dataset,
+    sites: Sequence[Site],
+    batch_size: int = 256,
+    progress: ProgressFn | None = None,
+    limit: int | None = None,
+) -> dict[str, Moments]:
+    """Stream ``data`` through ``model`` once and return float64 moments per site.
+
+    Under torchrun (``WORLD_SIZE`` > 1) each rank computes a share of the batches and all ranks
+    receive every batch's partial moments in the single-process order, so the result is the
+    single-process one bit for bit (:mod:`cmrtool.distributed`); ``progress`` then counts the
+    samples of all ranks.
+    """
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}", "omit --limit to use every sample")
+    data.chunk_batches(batch_size)  # validates batch_size before any work
+    moments = {s.name: Moments(s.width) for s in sites}
+    names = [s.name for s in sites]
+    axes = {s.name: s.unit_axis for s in sites}
+    in_graph = hasattr(model, "batch_moments")
+
+    def partials(batch: Batch) -> dict[str, tuple[int, torch.Tensor, torch.Tensor]]:
+        if in_graph:  # the backend reduces inside its graph: activations never surface
+            return dict(model.batch_moments(batch.inputs, names))
+        _, values = model.run(batch.inputs, capture=names)
+        out = {}
+        for name, v in values.items():
+            if v.dim() == 0 or v.shape[axes[name]] != moments[name].width:
+                raise InputError(
+                    f"site {name} produced a value of shape {tuple(v.shape)}, expected {moments[name].width} units on axis {axes[name]}",
+                    "the model's graph does not match its weights; re-export it",
+                )
+            out[name] = moments[name].partial(v, axes[name])
+        return out
+
+    with torch.no_grad():
+        if distributed.enabled():
+            stream = distributed.gather_partials(data, batch_size, limit, partials, [(s.name, s.width) for s in sites])
+        else:
+            stream = ((len(b), partials(b)) for b in data.batches(batch_size, limit, labels=False))
+        try:
+            for rows, batch_partials in stream:
+                for name, (n, mean, m2) in batch_partials.items():
+                    moments[name].add_partial(n, mean, m2)
+                if progress is not None:
+                    progress(rows)
+        except Exception as e:
+            if distributed.enabled():  # tell the other ranks, who wait in an exchange
+                raise distributed.fail(e)[0] from None
+            raise
+    return moments
 
 
 def score_model(

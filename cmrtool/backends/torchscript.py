@@ -136,6 +136,8 @@ class TorchScriptModel:
                 f"{self.path} is not a readable TorchScript archive ({_load_problem(self.path, self._bytes, e)})",
                 "cmrtool reads files saved by torch.jit.save: load the model in Python and run torch.jit.script(model).save(PATH)",
             ) from e
+        if not module._c._has_method("forward"):
+            raise InputError(f"{self.path} has no forward method", "save the model with torch.jit.script(model).save(PATH)")
         module.eval()
         text = extra[PLAN_FILE]
         return module, text.decode() if isinstance(text, bytes) else text
@@ -219,8 +221,8 @@ class TorchScriptModel:
     def _producer(self, node: torch._C.Node) -> tuple[str, str, list[TensorSlice]] | str | None:
         """(module, unit kind, slices) for a producer op, a rejection reason, or None."""
         weight = self._param_name(node.inputsAt(1))
-        if weight is None or not weight.endswith("weight"):
-            return None
+        if weight is None or not weight.endswith("weight") or weight not in self._tensors:
+            return None  # not a layer with a weight parameter (e.g. a plain tensor attribute)
         module = weight[: -len(".weight")] if weight != "weight" else ""
         kind = "neuron" if node.kind() in _LINEAR_OPS else "channel"
         if kind == "channel":
@@ -257,7 +259,7 @@ class TorchScriptModel:
                 if is_none(val):
                     continue
                 name = self._param_name(val)
-                if name is None:
+                if name is None or name not in self._tensors:
                     return Rejection(module, "its BatchNorm reads statistics that are not module tensors")
                 slices.append(TensorSlice(name, 0))
             v = bn.output()
@@ -369,7 +371,7 @@ class TorchScriptModel:
         if use.offset != 0:
             return f"its activation is used as the weight of {_short(kind)}"
         weight = self._param_name(node.inputsAt(1))
-        if weight is None:
+        if weight is None or weight not in self._tensors:
             return f"its consumer {_short(kind)} does not read a module weight"
         module = weight.rsplit(".", 1)[0] if "." in weight else ""
         w = self._tensors[weight]
@@ -408,16 +410,17 @@ class TorchScriptModel:
         bias = node.inputsAt(2)
         if not is_none(bias):
             name = self._param_name(bias)
-            if name is not None:
-                exists = self._module_attr(tuple(name.split("."))) is not None
-                return name, ("bias" if exists else "new-bias")
+            if name in self._tensors:
+                return name, "bias"
+            if name is not None and self._module_attr(tuple(name.split("."))) is None:
+                return name, "new-bias"
         # No bias and none can be added: fold into the next BatchNorm's running_mean (exact in eval).
         uses = real_uses(node.output())
         if len(uses) == 1 and uses[0].user.kind() == "aten::batch_norm" and uses[0].offset == 0:
             rm = uses[0].user.inputsAt(3)
             if not is_none(rm):
                 name = self._param_name(rm)
-                if name is not None:
+                if name in self._tensors:
                     return name, "bn-mean"
         return None, "none"
 
@@ -441,7 +444,11 @@ class TorchScriptModel:
     # -- running --------------------------------------------------------------------------------
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The model's logits for a batch."""
-        return _logits(self.program.function()(*inputs))
+        try:
+            out = self.program.function()(*inputs)
+        except RuntimeError as e:
+            raise _input_problem(e, inputs) from e
+        return _logits(out)
 
     def run(
         self,
@@ -589,7 +596,14 @@ class TorchScriptModel:
             value = nn.Parameter(t.detach().clone(), requires_grad=False) if is_param else t.detach().clone()
             setattr(owner, leaf, value)
         extra = {PLAN_FILE: plan.dumps()} if plan is not None else {}
-        write_with(path, lambda tmp: torch.jit.save(module, str(tmp), _extra_files=extra))
+
+        def save(tmp: Path) -> None:
+            # Through a file object: the archive's root folder is then always "archive" (a path
+            # would name it after the temporary file), so equal models give equal bytes.
+            with open(tmp, "wb") as f:
+                torch.jit.save(module, f, _extra_files=extra)
+
+        write_with(path, save)
 
 
 class Downstream:
