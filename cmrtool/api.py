@@ -105,13 +105,14 @@ def inspect(
     path: str | Path,
     calib: str | Path | None = None,
     input_shape: str | Sequence[int] | None = None,
+    arch: str | None = None,
 ) -> Any:
     """Sites, fold kinds, parameters and MACs of a model (:class:`cmrtool.inspection.InspectReport`)."""
     from cmrtool.data import open_data
     from cmrtool.inspection import example_inputs, inspect_model
 
     _single_stdin(path, calib)
-    model = open_model(path)
+    model = open_model(path, arch)
     inputs = None
     if calib is not None:
         inputs = list(open_data(calib, model).read(0, 1).inputs)
@@ -131,6 +132,7 @@ def score(
     batch_size: int = 256,
     limit: int | None = None,
     progress: ProgressFactory | None = None,
+    arch: str | None = None,
 ) -> Any:
     """Score every unit of the selected sites (:class:`cmrtool.scoring.ScoreReport`)."""
     from cmrtool.criteria import get_criterion
@@ -139,7 +141,7 @@ def score(
 
     _single_stdin(path, calib)
     get_criterion(criterion)
-    model = open_model(path)
+    model = open_model(path, arch)
     model.require_sites()
     chosen = select_sites(model.sites, sites, kinds)
     data = open_data(calib, model)
@@ -166,14 +168,20 @@ def compile(
     check_samples: int = 256,
     progress: ProgressFactory | None = None,
     warn: Callable[[str], None] | None = None,
+    arch: str | None = None,
+    onnx: str | Path | None = None,
 ) -> Any:
     """Reduce a model and write the smaller checkpoint (:class:`cmrtool.compile.CompileReport`).
 
     Scores come from ``scores`` (a :class:`~cmrtool.scoring.ScoreReport`, or the path of a
     ``score --json`` document, ``-`` for stdin) or are computed on ``calib``. With ``calib`` the
     written model's fold error is measured on its first ``check_samples`` samples.
+
+    ``output`` is the backend's checkpoint (``.pt`` for TorchScript, ``.safetensors`` for
+    nn.Modules), a Hugging Face directory (ends with ``/``; Hugging Face inputs whose layers keep
+    equal widths), or ``.onnx``; ``onnx`` additionally exports the reduced model to that file.
     """
-    from cmrtool.compile import compile_model, make_plan
+    from cmrtool.compile import compile_model, make_plan, output_kind
     from cmrtool.criteria import REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
     from cmrtool.errors import InputError
@@ -195,10 +203,22 @@ def compile(
     _single_stdin(path, calib, score_path)
     if str(output) == "-":
         raise UsageError("compile cannot write the model to stdout", "give a file name with -o, e.g. -o reduced.pt")
-    out = check_output_path(output, [p for p in (path, calib, score_path) if p is not None], force)
+    kind = output_kind(output)
+    if (kind == "onnx" or onnx is not None) and (calib is None or check_samples < 1):
+        raise UsageError("ONNX export needs example inputs", "pass --calib (and --check-samples ≥ 1): its first samples are exported and checked with onnxruntime")
+    inputs = _input_files(path, calib, score_path)
+    out = check_output_path(output, inputs, force, directory=kind == "dir")
+    if onnx is not None:
+        if output_kind(onnx) != "onnx":
+            raise UsageError(f"--onnx {onnx} does not end in .onnx", "e.g. --onnx reduced.onnx")
+        check_output_path(onnx, [*inputs, out], force)
 
-    model = open_model(path)
+    model = open_model(path, arch)
     model.require_sites()
+    if kind == "dir":
+        from cmrtool.backends.hf import require_hf_input
+
+        require_hf_input(model)
     explicit = bool(sites)
     chosen = select_sites(model.sites, sites, kinds)
     unfoldable = [s for s in chosen if not s.foldable]
@@ -229,13 +249,29 @@ def compile(
         with (progress or _no_progress)(f"scoring ({criterion})", data.n) as advance:
             report = score_model(model, data, criterion, chosen, seed, batch_size, advance)
     plan = dataclasses.replace(make_plan(report, chosen, keep, keep_count, round_to, replacement), source_sha256=model.sha256)
+    if kind == "dir":
+        from cmrtool.backends.hf import check_dir_output
+
+        check_dir_output(model, plan)  # uniform widths and a config that can express them, before folding
     check = None
     if data is not None:
         shapes = [list(s) for s in data.input_shapes().values()]
         plan = dataclasses.replace(plan, settings=plan.settings + (("input_shapes", shapes),))
         if check_samples > 0:
             check = list(data.read(0, min(data.n, check_samples)).inputs)
-    return compile_model(model, plan, out, check)
+    return compile_model(model, plan, output, check, onnx)
+
+
+def _input_files(*paths: str | Path | None) -> list[str | Path]:
+    """The inputs an output must never replace (a Hugging Face directory: and every file in it)."""
+    files: list[str | Path] = []
+    for p in paths:
+        if p is None:
+            continue
+        files.append(p)
+        if str(p) != "-" and Path(p).is_dir():
+            files.extend(f for f in Path(p).iterdir() if f.is_file())
+    return files
 
 
 def verify(
@@ -252,6 +288,7 @@ def verify(
     max_fold_error: float | None = None,
     onnx: str | Path | None = None,
     progress: ProgressFactory | None = None,
+    arch: str | None = None,
 ) -> Any:
     """Verify a reduced checkpoint against its original (:class:`cmrtool.verify.VerifyReport`).
 
@@ -264,8 +301,8 @@ def verify(
     from cmrtool.verify import verify as run_verify
 
     _single_stdin(original, reduced, data)
-    o = open_model(original)
-    r = open_model(reduced)
+    o = open_model(original, arch)
+    r = open_model(reduced, arch if str(reduced).endswith(".safetensors") else None)
     ds = open_data(data, o)
     report = run_verify(
         o, r, ds, swaps=swaps, p=p, seed=seed, sites=sites, batch_size=batch_size,

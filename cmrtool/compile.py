@@ -6,7 +6,8 @@ or zero (``"zero"``: plain deletion without folding a meaningful constant, the b
 shows what folding buys).
 
 :func:`compile_model` folds the plan (:func:`cmrtool.fold.fold`, a pure function), writes the
-checkpoint to a temporary file, reloads it and measures the **fold error**
+checkpoint to a temporary file (or directory), reloads it with the backend that wrote it
+(``model.reopen``) and measures the **fold error**
 ``max |R(x) − O_clamped(x)|`` on a check batch, where ``O_clamped`` is the original with
 replaced units fixed to their replacements (DESIGN §3.5 step 1). Only then is the file renamed
 into place; an exact site whose fold error exceeds float rounding aborts the compile.
@@ -14,7 +15,10 @@ into place; an exact site whose fold error exceeds float rounding aborts the com
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +26,15 @@ from typing import Any
 import torch
 
 from cmrtool.criteria import REPLACEMENT_MODES
-from cmrtool.errors import CmrError, InputError, UsageError
-from cmrtool.fold import fold
-from cmrtool.io import atomic_write
+from cmrtool.errors import CmrError, InputError, UnsupportedModelError, UsageError
+from cmrtool.fold import fold, unit_rows
+from cmrtool.io import atomic_dir, atomic_write
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.scoring import ScoreReport
 from cmrtool.selection import choose_kept, kept_width, validate_keep
 from cmrtool.sites import Site
 
-__all__ = ["REPLACEMENTS", "make_plan", "clamp_edits", "fold_error", "CompileReport", "compile_model"]
+__all__ = ["REPLACEMENTS", "make_plan", "clamp_edits", "fold_error", "CompileReport", "compile_model", "output_kind"]
 
 REPLACEMENTS = REPLACEMENT_MODES
 # Relative tolerance for "equal to float rounding" per dtype (max |Δ| / max |logit|).
@@ -69,11 +73,13 @@ def make_plan(
             ) from None
         if ss.width != site.width:
             raise InputError(f"scores for site {site.name} have width {ss.width}, the model has {site.width}", "the scores were made for another model")
+        if ss.group != site.group:
+            raise InputError(f"scores for site {site.name} have {ss.group} values per unit, the model has {site.group}", "the scores were made for another model")
         k = kept_width(site.name, site.width, keep, keep_count, round_to)
         kept, replaced = choose_kept(torch.tensor(ss.scores, dtype=torch.float64), k)
-        source = {"auto": ss.replacement, "mean": ss.mean, "zero": (0.0,) * site.width}[replacement]
-        values = tuple(float(source[j]) for j in replaced)
-        plans.append(SitePlan(site.name, site.kind, site.width, kept, replaced, Replacement("constant", values)))
+        source = {"auto": ss.replacement, "mean": ss.mean, "zero": (0.0,) * site.channels}[replacement]
+        values = tuple(float(source[i]) for i in unit_rows(replaced, site.group).tolist())
+        plans.append(SitePlan(site.name, site.kind, site.width, kept, replaced, Replacement("constant", values), site.group))
     settings = (
         ("keep", keep),
         ("keep_count", keep_count),
@@ -93,7 +99,7 @@ def _unit_shape(site: Site, rank: int) -> tuple[int, ...]:
     """Shape that broadcasts a per-unit vector over a site value of ``rank`` dims."""
     if site.kind == "channel":
         return (site.width,) + (1,) * max(rank - 2, 0)
-    return (site.width,)
+    return (site.channels,)
 
 
 def clamp_edits(
@@ -113,9 +119,9 @@ def clamp_edits(
         if not sp.replaced:
             continue
         site = model.site(sp.name)
-        mask = torch.zeros(site.width, dtype=torch.bool)
-        fill = torch.zeros(site.width, dtype=dtype)
-        idx = torch.as_tensor(sp.replaced, dtype=torch.long)
+        mask = torch.zeros(site.channels, dtype=torch.bool)
+        fill = torch.zeros(site.channels, dtype=dtype)
+        idx = unit_rows(sp.replaced, site.group)
         mask[idx] = True
         fill[idx] = torch.tensor(sp.replacement.values, dtype=torch.float64).to(dtype)
         shape = _unit_shape(site, ranks[sp.name])
@@ -153,7 +159,8 @@ def fold_error(original: Any, reduced: Any, plan: Plan, inputs: Sequence[torch.T
 
 @dataclass(frozen=True)
 class CompileReport:
-    """What compile did: sizes before/after, per-site widths, and the measured fold error."""
+    """What compile did: sizes before/after, per-site widths, the measured fold error, and the
+    ONNX export with its onnxruntime parity when one was asked for."""
 
     output: str
     plan: Plan
@@ -162,6 +169,7 @@ class CompileReport:
     sites: tuple[dict[str, Any], ...]
     fold_error: FoldError | None = None
     notes: tuple[str, ...] = field(default=())
+    onnx: Any = None
 
     def to_json(self) -> dict[str, Any]:
         fe = self.fold_error
@@ -177,7 +185,35 @@ class CompileReport:
             "fold_check_samples": None if fe is None else fe.samples,
             "sites": list(self.sites),
             "notes": list(self.notes),
+            "onnx": None if self.onnx is None else self.onnx.to_json(),
+            "onnx_max_abs_diff": None if self.onnx is None else self.onnx.max_abs_diff,
         }
+
+
+def output_kind(path: str | Path) -> str:
+    """``onnx`` (a ``.onnx`` file), ``dir`` (a trailing ``/`` or an existing directory: a Hugging
+    Face directory), or ``file`` (the backend's own checkpoint format)."""
+    p = str(path)
+    if Path(p).suffix.lower() == ".onnx":
+        return "onnx"
+    if p.endswith(("/", os.sep)) or Path(p).is_dir():
+        return "dir"
+    return "file"
+
+
+@contextlib.contextmanager
+def _staging(out: Path, kind: str) -> Iterator[Path]:
+    """Where the reduced checkpoint is written before it is moved into place (or, for an ONNX
+    output, a scratch file that is discarded)."""
+    if kind == "dir":
+        with atomic_dir(out) as tmp:
+            yield tmp
+    elif kind == "onnx":
+        with tempfile.TemporaryDirectory() as d:
+            yield Path(d) / "reduced"
+    else:
+        with atomic_write(out) as tmp:
+            yield tmp
 
 
 def compile_model(
@@ -185,36 +221,45 @@ def compile_model(
     plan: Plan,
     output: str | Path,
     check_inputs: Sequence[torch.Tensor] | None = None,
+    onnx: str | Path | None = None,
 ) -> CompileReport:
-    """Fold ``plan`` into ``model`` and write the reduced checkpoint to ``output`` atomically.
+    """Fold ``plan`` into ``model`` and write the reduced model to ``output`` atomically.
 
-    The output must already have been validated (:func:`cmrtool.io.check_output_path`). With
-    ``check_inputs`` the written file is reloaded and its fold error measured before it is moved
-    into place; sites marked ``exact`` must match the clamped original to float rounding.
+    ``output`` is the backend's checkpoint (``.pt`` for TorchScript, ``.safetensors`` with the
+    plan in its metadata for nn.Modules), a Hugging Face directory (a path ending in ``/``; Hugging
+    Face inputs with uniform widths), or a ``.onnx`` file. It must already have been validated
+    (:func:`cmrtool.io.check_output_path`). With ``check_inputs`` the written model is reloaded
+    and its fold error measured before it is moved into place; sites marked ``exact`` must match
+    the clamped original to float rounding. ``onnx`` also exports the reduced model to that file
+    (ONNX needs ``check_inputs``, for the export and the onnxruntime parity check).
 
     Returns:
         a :class:`CompileReport`.
     """
+    from cmrtool.export import export_onnx
+
     tensors = model.tensors()
     result = fold(tensors, model.sites, plan)
-    fe: FoldError | None = None
-    notes: list[str] = []
     out = Path(output)
-    with atomic_write(out) as tmp:
-        model.write(tmp, result.tensors, plan)
-        reduced = type(model)(str(tmp)) if check_inputs is not None else None
+    kind = output_kind(output)
+    onnx_path = out if kind == "onnx" else (Path(onnx) if onnx is not None else None)
+    if onnx_path is not None and check_inputs is None:
+        raise UsageError("ONNX export needs example inputs", "pass --calib: its first samples are exported and checked with onnxruntime")
+    fe: FoldError | None = None
+    onnx_report = None
+    notes: list[str] = []
+    with _staging(out, kind) as stage:
+        (model.write_dir if kind == "dir" else model.write)(stage, result.tensors, plan)
+        reduced = model.reopen(stage) if check_inputs is not None else None
         if reduced is not None and check_inputs is not None:
-            fe = fold_error(model, reduced, plan, check_inputs)
-            exact = all(model.site(s.name).fold == "exact" for s in plan.sites if s.replaced)
-            tol = _ROUNDING.get(model.dtype, 1e-5)
-            if exact and fe.relative > tol:
-                raise CmrError(
-                    f"the compiled model differs from the clamped original by {fe.max_abs:.3g} (relative {fe.relative:.3g})",
-                    "this model's graph is not supported for exact folding; set CMRTOOL_DEBUG=1 and report it",
-                )
-            if not exact:
-                notes.append("interior-exact sites: the fold error includes the zero-padding border effect")
-    params_after = sum(t.numel() for name, t in result.tensors.items() if model.is_parameter(name) or name in result.added)
+            fe = _checked_fold_error(model, reduced, plan, check_inputs, notes)
+            if onnx_path is not None:
+                onnx_report = export_onnx(reduced, onnx_path, check_inputs)
+                notes.extend(onnx_report.notes)
+    if reduced is not None:
+        params_after = reduced.num_params()
+    else:
+        params_after = sum(t.numel() for name, t in result.tensors.items() if model.is_parameter(name) or name in result.added)
     site_rows = []
     for sp in plan.sites:
         site = model.site(sp.name)
@@ -236,4 +281,28 @@ def compile_model(
         sites=tuple(site_rows),
         fold_error=fe,
         notes=tuple(notes),
+        onnx=onnx_report,
     )
+
+
+def _checked_fold_error(model: Any, reduced: Any, plan: Plan, inputs: Sequence[torch.Tensor], notes: list[str]) -> FoldError:
+    """The fold error of the written model; an ``exact`` plan must meet float rounding."""
+    try:
+        fe = fold_error(model, reduced, plan, inputs)
+    except CmrError:
+        raise
+    except Exception as e:  # the reduced module's own forward failed
+        raise UnsupportedModelError(
+            f"the reduced model does not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+            "its forward may hard-code a layer width or head count; choose other sites with --site or --kind",
+        ) from e
+    exact = all(model.site(s.name).fold == "exact" for s in plan.sites if s.replaced)
+    tol = _ROUNDING.get(model.dtype, 1e-5)
+    if exact and fe.relative > tol:
+        raise CmrError(
+            f"the compiled model differs from the clamped original by {fe.max_abs:.3g} (relative {fe.relative:.3g})",
+            "this model's graph is not supported for exact folding; set CMRTOOL_DEBUG=1 and report it",
+        )
+    if not exact:
+        notes.append("interior-exact sites: the fold error includes the zero-padding border effect")
+    return fe

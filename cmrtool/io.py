@@ -26,6 +26,7 @@ __all__ = [
     "check_output_path",
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_dir",
 ]
 
 STDIO = "-"
@@ -80,13 +81,17 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: bool = False) -> Path:
+def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: bool = False, directory: bool = False) -> Path:
     """Validate an output path before any work is done.
 
     Refuses an output equal to an input (always), an existing file (unless ``force``), and a
-    directory that does not exist or cannot be written.
+    directory that does not exist or cannot be written. With ``directory`` the output is a
+    directory to create (an existing one is replaced only with ``force``).
     """
     out = Path(output)
+    inputs = list(inputs)
+    if directory:
+        return _check_output_dir(out, inputs, force)
     for inp in inputs:
         if str(inp) == STDIO:
             continue
@@ -106,6 +111,47 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: b
     if out.exists() and not force:
         raise UsageError(f"output {out} already exists", "pass --force to replace it, or choose another name")
     return out
+
+
+def _check_output_dir(out: Path, inputs: list[str | Path], force: bool) -> Path:
+    for inp in inputs:
+        if str(inp) != STDIO and (out.resolve() == Path(inp).resolve() or Path(inp).resolve().is_relative_to(out.resolve())):
+            raise UsageError(f"output {out} is or contains one of the inputs", "write the result to a new directory; cmrtool never overwrites its inputs")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a directory", "choose another name, or drop the trailing '/' to write a file")
+    parent = out.parent
+    if not parent.exists():
+        raise InputError(f"output directory does not exist: {parent}", f"create it first: mkdir -p {parent}")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output directory is not writable: {parent}", "choose a directory you can write to")
+    if out.exists() and not force:
+        raise UsageError(f"output {out} already exists", "pass --force to replace it, or choose another name")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``path``; move it to ``path`` on success.
+
+    An existing ``path`` (allowed by ``--force``) is replaced only once the new one is complete.
+    On any exception the temporary directory is removed and ``path`` is left as it was.
+    """
+    import shutil
+
+    dest = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        yield tmp
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager

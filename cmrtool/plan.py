@@ -45,7 +45,11 @@ class Replacement:
 
 @dataclass(frozen=True)
 class SitePlan:
-    """The decision for one site. ``kept`` and ``replaced`` are sorted and partition range(width)."""
+    """The decision for one site. ``kept`` and ``replaced`` are sorted and partition range(width).
+
+    ``group`` is the number of values per replaced unit (``head_dim`` for attention heads, whose
+    replacement is a vector): ``replacement.values`` is then unit-major, ``group`` per unit.
+    """
 
     name: str
     kind: str
@@ -53,6 +57,7 @@ class SitePlan:
     kept: tuple[int, ...]
     replaced: tuple[int, ...]
     replacement: Replacement
+    group: int = 1
 
     def __post_init__(self) -> None:
         if sorted(self.kept + self.replaced) != list(range(self.width)):
@@ -60,9 +65,10 @@ class SitePlan:
                 f"plan for site {self.name} does not partition its {self.width} units into kept and replaced",
                 "regenerate the plan with cmrtool compile",
             )
-        if len(self.replacement.values) != len(self.replaced):
+        if len(self.replacement.values) != len(self.replaced) * self.group:
             raise InputError(
-                f"plan for site {self.name} has {len(self.replacement.values)} replacement values for {len(self.replaced)} replaced units",
+                f"plan for site {self.name} has {len(self.replacement.values)} replacement values for {len(self.replaced)} replaced units"
+                + (f" of {self.group} values each" if self.group != 1 else ""),
                 "regenerate the plan with cmrtool compile",
             )
 
@@ -74,6 +80,7 @@ class SitePlan:
             "kept": list(self.kept),
             "replaced": list(self.replaced),
             "replacement": self.replacement.to_json(),
+            **({"group": self.group} if self.group != 1 else {}),
         }
 
     @classmethod
@@ -85,6 +92,7 @@ class SitePlan:
             kept=tuple(int(i) for i in d["kept"]),
             replaced=tuple(int(i) for i in d["replaced"]),
             replacement=Replacement.from_json(d["replacement"]),
+            group=int(d.get("group", 1)),
         )
 
 

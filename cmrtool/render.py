@@ -74,7 +74,10 @@ def compile_table(report: Any, console: Console) -> None:
         console.print(f"fold error: max |Δlogit| {fmt_float(fe)} (relative {fmt_float(doc['fold_error_relative'])}) on {doc['fold_check_samples']} samples")
     for n in doc["notes"]:
         console.print(f"note: {n}", markup=False)
-    console.print(f"wrote [bold]{doc['output']}[/]")
+    console.print(f"wrote [bold]{escape(doc['output'])}[/]")
+    if doc.get("onnx"):
+        o = doc["onnx"]
+        console.print(f"wrote [bold]{escape(o['path'])}[/] ({o['exporter']} exporter); ONNX parity: max |onnxruntime − torch| = {fmt_float(o['max_abs_diff'])} on {o['samples']} samples")
 
 
 def verify_table(report: Any, console: Console) -> None:

@@ -23,6 +23,7 @@ from cmrtool import __version__
 from cmrtool.criteria import Evidence, consumer_sq_norms, get_criterion
 from cmrtool.data import Dataset
 from cmrtool.errors import InputError, UsageError
+from cmrtool.groups import GroupMoments, new_moments, score_grouped
 from cmrtool.sites import Site
 from cmrtool.stats import Moments
 
@@ -52,12 +53,14 @@ class SiteScores:
     mean: tuple[float, ...]
     samples: int
     fold: str = "exact"
+    group: int = 1  # values per unit in ``replacement`` and ``mean`` (head_dim for heads)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "kind": self.kind,
             "width": self.width,
+            **({"group": self.group} if self.group != 1 else {}),
             "fold": self.fold,
             "samples": self.samples,
             "scores": list(self.scores),
@@ -68,12 +71,13 @@ class SiteScores:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SiteScores:
         width = int(d["width"])
+        group = int(d.get("group", 1))
         scores = tuple(float(x) for x in d["scores"])
         replacement = tuple(float(x) for x in d["replacement"])
         mean = tuple(float(x) for x in d.get("mean", replacement))
-        if not (len(scores) == len(replacement) == len(mean) == width):
+        if not (len(scores) == width and len(replacement) == len(mean) == width * group):
             raise InputError(f"scores for site {d['name']} do not have {width} entries", "regenerate them with cmrtool score --json")
-        return cls(str(d["name"]), str(d.get("kind", "neuron")), width, scores, replacement, mean, int(d.get("samples", 0)), str(d.get("fold", "exact")))
+        return cls(str(d["name"]), str(d.get("kind", "neuron")), width, scores, replacement, mean, int(d.get("samples", 0)), str(d.get("fold", "exact")), group)
 
 
 @dataclass(frozen=True)
@@ -172,12 +176,12 @@ def collect_moments(
     batch_size: int = 256,
     progress: ProgressFn | None = None,
     limit: int | None = None,
-) -> dict[str, Moments]:
+) -> dict[str, Moments | GroupMoments]:
     """Stream ``data`` through ``model`` once and return float64 moments per site."""
-    moments = {s.name: Moments(s.width) for s in sites}
+    moments = {s.name: new_moments(s) for s in sites}
     names = [s.name for s in sites]
     axes = {s.name: s.unit_axis for s in sites}
-    in_graph = hasattr(model, "batch_moments")
+    in_graph = hasattr(model, "batch_moments") and all(s.group == 1 for s in sites)
     with torch.no_grad():
         for batch in data.batches(batch_size, limit, labels=False):
             if in_graph:  # the backend reduces inside its graph: activations never surface
@@ -232,9 +236,11 @@ def score_model(
     out: list[SiteScores] = []
     for site in sites:
         m = moments[site.name]
-        ev = Evidence(site=site, moments=m, col_sq_norms=consumer_sq_norms(site, tensors), seed=seed)
-        res = crit.fn(ev)
-        if res.scores.shape != (site.width,) or res.replacement.shape != (site.width,):
+        if site.group == 1:
+            res = crit.fn(Evidence(site=site, moments=m, col_sq_norms=consumer_sq_norms(site, tensors), seed=seed))
+        else:  # attention heads: a unit is a group of channels (cmrtool.groups)
+            res = score_grouped(crit, site, m, tensors, seed)
+        if res.scores.shape != (site.width,) or res.replacement.shape != (site.channels,):
             raise RuntimeError(f"criterion {criterion} returned wrong shapes for site {site.name}")
         out.append(
             SiteScores(
@@ -246,6 +252,7 @@ def score_model(
                 mean=tuple(m.mean.tolist()),
                 samples=m.count,
                 fold=site.fold,
+                group=site.group,
             )
         )
     n = data.n if limit is None else min(data.n, limit)
