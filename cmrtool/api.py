@@ -215,10 +215,7 @@ def compile(
 
     model = open_model(path, arch)
     model.require_sites()
-    if kind == "dir":
-        from cmrtool.backends.hf import require_hf_input
-
-        require_hf_input(model)
+    _check_output_format(model, out, kind)
     explicit = bool(sites)
     chosen = select_sites(model.sites, sites, kinds)
     unfoldable = [s for s in chosen if not s.foldable]
@@ -260,6 +257,22 @@ def compile(
         if check_samples > 0:
             check = list(data.read(0, min(data.n, check_samples)).inputs)
     return compile_model(model, plan, output, check, onnx)
+
+
+def _check_output_format(model: Any, out: Path, kind: str) -> None:
+    """The output is a format this model can be written in (before any scoring)."""
+    if kind == "dir":
+        from cmrtool.backends.hf import require_hf_input
+
+        require_hf_input(model)
+    elif kind == "file":
+        torchscript = model.format == "torchscript"
+        if torchscript == (out.suffix.lower() == ".safetensors"):
+            native = "TorchScript (e.g. reduced.pt)" if torchscript else "safetensors (reduced.safetensors)"
+            raise UsageError(
+                f"a {model.format} model is written as {native}, not as {out.name}",
+                "change the output name, or write -o reduced.onnx" + ("" if torchscript else " or, for a Hugging Face input, a directory: -o reduced/"),
+            )
 
 
 def _input_files(*paths: str | Path | None) -> list[str | Path]:

@@ -4,7 +4,8 @@
   the dynamo exporter (``torch.export``; needs ``onnxscript``). When dynamo cannot export a
   module, the legacy exporter is tried and the report says so.
 - The batch axis is dynamic; weights are stored inline (models under 2 GB); the model is put
-  back in eval mode afterwards; the file is written atomically.
+  back in eval mode afterwards; the plan of a reduced model goes into the ONNX metadata_props
+  (``cmrtool_plan``); the file is written atomically.
 - The result is checked with ``onnx.checker`` and run with onnxruntime on the check batch:
   ``max |onnxruntime(x) − torch(x)|`` is reported (and must be small for the export to count).
 
@@ -135,6 +136,10 @@ def export_onnx(model: Any, path: str | Path, inputs: Sequence[torch.Tensor]) ->
             ) from e
         finally:
             module.eval()
+        if model.plan is not None:  # the plan travels with every reduced artefact (DESIGN §4)
+            proto = onnx.load(str(tmp))
+            onnx.helper.set_model_props(proto, {"cmrtool_plan": model.plan.dumps()})
+            onnx.save(proto, str(tmp))
         try:
             onnx.checker.check_model(str(tmp))
         except Exception as e:

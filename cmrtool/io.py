@@ -86,40 +86,24 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: b
 
     Refuses an output equal to an input (always), an existing file (unless ``force``), and a
     directory that does not exist or cannot be written. With ``directory`` the output is a
-    directory to create (an existing one is replaced only with ``force``).
+    directory to create, which must not contain an input (an existing one is replaced only with
+    ``force``).
     """
     out = Path(output)
-    inputs = list(inputs)
-    if directory:
-        return _check_output_dir(out, inputs, force)
     for inp in inputs:
         if str(inp) == STDIO:
             continue
         ip = Path(inp)
-        if out.resolve() == ip.resolve() or _same_file(out, ip):
+        if out.resolve() == ip.resolve() or _same_file(out, ip) or (directory and ip.resolve().is_relative_to(out.resolve())):
             raise UsageError(
-                f"output {out} is one of the inputs",
+                f"output {out} is {'or contains ' if directory else ''}one of the inputs",
                 "write the result to a new file; cmrtool never overwrites its inputs",
             )
-    if out.is_dir():
+    if directory and out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a directory", "choose another name, or drop the trailing '/' to write a file")
+    if not directory and out.is_dir():
         raise UsageError(f"output {out} is a directory", "give a file name, e.g. reduced.pt")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise InputError(f"output directory does not exist: {parent}", f"create it first: mkdir -p {parent}")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"output directory is not writable: {parent}", "choose a directory you can write to")
-    if out.exists() and not force:
-        raise UsageError(f"output {out} already exists", "pass --force to replace it, or choose another name")
-    return out
-
-
-def _check_output_dir(out: Path, inputs: list[str | Path], force: bool) -> Path:
-    for inp in inputs:
-        if str(inp) != STDIO and (out.resolve() == Path(inp).resolve() or Path(inp).resolve().is_relative_to(out.resolve())):
-            raise UsageError(f"output {out} is or contains one of the inputs", "write the result to a new directory; cmrtool never overwrites its inputs")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a directory", "choose another name, or drop the trailing '/' to write a file")
-    parent = out.parent
     if not parent.exists():
         raise InputError(f"output directory does not exist: {parent}", f"create it first: mkdir -p {parent}")
     if not os.access(parent, os.W_OK):
@@ -140,18 +124,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     dest = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    old: Path | None = None
     try:
         yield tmp
-        old = None
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)
         os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not dest.exists():
+            os.replace(old / dest.name, dest)  # put the replaced directory back
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

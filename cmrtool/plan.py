@@ -7,7 +7,8 @@ round-tripping form) and keys in a fixed order.
 
 Replacements (DESIGN §3.2–3.4):
 - ``constant``: ``values[i]`` replaces unit ``replaced[i]``; folds as ``b' = b + W[:, S] c_S``
-  (Proposition 1).
+  (Proposition 1). For grouped units (attention heads, ``SitePlan.group`` > 1) each replaced
+  unit takes ``group`` consecutive values: the head's mean output vector (appendix A.6).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ def inspect_table(report: Any, console: Console) -> None:
         for s in report.sites:
             fold = s.fold if not s.reason else f"{s.fold} ({s.reason})"
             cons = ", ".join(f"{c.module} [{c.fold_mode}]" for c in s.consumers)
-            t.add_row(escape(s.name), s.kind, str(s.width), s.activation, escape(fold), escape(cons))
+            width = str(s.width) if s.group == 1 else f"{s.width}×{s.group}"  # heads: units × channels
+            t.add_row(escape(s.name), s.kind, width, s.activation, escape(fold), escape(cons))
         console.print(t)
     for r in report.rejected:
         console.print(f"not a site: {r.name}: {r.reason}", markup=False)

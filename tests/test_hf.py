@@ -146,6 +146,22 @@ def test_directory_output_refuses_what_config_json_cannot_express(hf, tmp_path):
     assert r.fold_error.relative <= 1e-10
 
 
+def test_a_config_without_bias_flags_takes_zero_replacements(hf, tmp_path):
+    dirs, data = hf
+    mistral = transformers.MistralConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, num_labels=3, pad_token_id=0, initializer_range=0.4,
+    )
+    transformers.AutoModelForSequenceClassification.from_config(mistral).double().save_pretrained(str(tmp_path / "m"))
+    with pytest.raises(UsageError, match="MistralConfig has no 'mlp_bias'") as e:
+        api.compile(tmp_path / "m", f"{tmp_path}/a/", calib=data, keep=0.5)
+    assert "--replacement zero" in e.value.hint and "reduced.safetensors" in e.value.hint
+    r = api.compile(tmp_path / "m", f"{tmp_path}/b/", calib=data, keep=0.5, replacement="zero")
+    assert r.fold_error.relative <= 1e-10
+    stock = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "b"), local_files_only=True)
+    assert stock.model.layers[0].mlp.down_proj.bias is None and stock.config.intermediate_size == 12
+
+
 def test_verify_cli(hf, cli, tmp_path):
     dirs, data = hf
     out = f"{tmp_path}/r/"

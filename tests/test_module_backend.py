@@ -184,6 +184,8 @@ def test_bad_architectures_and_weights(cli, tmp_path):
         (["inspect", broken, "--arch", ARCH.format("digits_mlp")], 1, "not a readable safetensors file", "truncated"),
         (["compile", SAMPLES / "digits_mlp.pt", "--calib", SAMPLES / "calib.safetensors", "--keep", "0.5", "-o", f"{tmp_path}/d/"], 2, "needs a Hugging Face input", "reduced.pt"),
         (["compile", mlp, "--arch", ARCH.format("digits_mlp"), "--scores", "-", "--keep", "0.5", "-o", tmp_path / "r.onnx"], 2, "ONNX export needs example inputs", "--calib"),
+        (["compile", mlp, "--arch", ARCH.format("digits_mlp"), "--calib", SAMPLES / "calib.safetensors", "--keep", "0.5", "-o", tmp_path / "r.pt"], 2, "written as safetensors", "reduced.onnx"),
+        (["compile", SAMPLES / "digits_mlp.pt", "--calib", SAMPLES / "calib.safetensors", "--keep", "0.5", "-o", tmp_path / "r.safetensors"], 2, "written as TorchScript", "reduced.onnx"),
     ]
     for args, code, text, hint in cases:
         r = cli(*args)
@@ -208,3 +210,18 @@ def test_state_dict_mismatch_names_the_tensor(tmp_path):
         load_model(tmp_path / "m2.safetensors", ARCH.format("digits_mlp"))
     with pytest.raises(UsageError, match="holds weights only"):
         load_model(tmp_path / "m2.safetensors")
+
+
+def test_head_scores_pipe_into_compile(cli, tmp_path):
+    model, arch = SAMPLES / "digits_transformer.safetensors", ARCH.format("digits_transformer")
+    calib = SAMPLES / "calib.safetensors"
+    scores = cli("score", model, "--arch", arch, "--calib", calib, "--kind", "head", "--keep", "0.5")
+    assert scores.code == 0, scores.err
+    out = tmp_path / "r.safetensors"
+    r = cli("compile", model, "--arch", arch, "--scores", "-", "--calib", calib, "--kind", "head", "--keep", "0.5", "-o", out, stdin=scores.out.encode())
+    assert r.code == 0, r.err
+    plan = load_model(out).plan
+    for s in scores.json()["sites"]:
+        sp = plan.site(s["name"])
+        assert list(sp.kept) == s["kept"] and sp.group == s["group"] == 8
+        assert list(sp.replacement.values) == [s["replacement"][j * 8 + i] for j in sp.replaced for i in range(8)]

@@ -4,6 +4,8 @@ clear error for operators ONNX cannot express."""
 
 from __future__ import annotations
 
+import json
+
 import onnx
 import pytest
 import torch
@@ -36,6 +38,8 @@ def test_samples_export_with_parity(name, backend, cli, tmp_path):
     assert d["onnx_max_abs_diff"] <= 1e-4 and d["onnx"]["samples"] == 256 and d["fold_error_relative"] <= 1e-5
     onnx.checker.check_model(str(out))
     assert list(tmp_path.iterdir()) == [out]  # only the ONNX file: the checkpoint was scratch
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert [s["name"] for s in json.loads(props["cmrtool_plan"])["sites"]] == [s["name"] for s in d["sites"]]
 
 
 @pytest.mark.slow

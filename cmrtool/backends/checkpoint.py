@@ -117,6 +117,9 @@ def load_safetensors(path: str | Path, arch: str | None = None) -> Any:
 def load_reduced(path: str | Path, arch: str | None = None) -> Any:
     """Rebuild a reduced checkpoint written by ``cmrtool compile -o reduced.safetensors``.
 
+    The file names its factory, which is imported and called: load reduced files from sources
+    you trust, or pass ``arch`` (a Hugging Face class is only ever looked up in ``transformers``).
+
     Args:
         path: the reduced safetensors file.
         arch: the factory, if the file's ``cmrtool_arch`` should not be used.

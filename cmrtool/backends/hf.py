@@ -101,23 +101,27 @@ def load_dir(path: str | Path) -> Any:
     return ModuleModel(module, p, _sha256_dir(p, weights), arch=f"hf:{type(module).__name__}", plan=plan, hf_config=module.config, fmt="huggingface")
 
 
-def config_from_json(class_name: str, text: str) -> Any:
+def _model_class(class_name: str) -> Any:
     tf = transformers_module()
     cls = getattr(tf, class_name, None)
-    if cls is None:
-        raise InputError(f"this transformers has no class {class_name}", "upgrade transformers to the version the model was reduced with")
-    return cls.config_class.from_dict(json.loads(text))
+    if not (isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel)):
+        raise InputError(f"transformers has no model class {class_name}", "upgrade transformers to the version the model was reduced with")
+    return cls
+
+
+def config_from_json(class_name: str, text: str) -> Any:
+    return _model_class(class_name).config_class.from_dict(json.loads(text))
 
 
 def build_from_config(class_name: str, text: str) -> Any:
     """A fresh model of Hugging Face class ``class_name`` from a config's JSON."""
-    tf = transformers_module()
-    return getattr(tf, class_name)(config_from_json(class_name, text))
+    return _model_class(class_name)(config_from_json(class_name, text))
 
 
 def _set(config: Any, key: str, value: Any, why: str) -> None:
     if not hasattr(config, key):
-        raise UsageError(f"{type(config).__name__} has no '{key}', so config.json cannot express {why}", f"keep those units {_OUTPUTS}")
+        fold_nothing = ", fold nothing (--replacement zero)," if key.endswith("_bias") else ""
+        raise UsageError(f"{type(config).__name__} has no '{key}', so config.json cannot express {why}", f"keep those units{fold_nothing} {_OUTPUTS}")
     setattr(config, key, value)
 
 
@@ -128,16 +132,17 @@ def require_hf_input(model: Any) -> None:
         raise UsageError(f"a directory output needs a Hugging Face input, and {model.path} is not one", f"write -o reduced{native} or -o reduced.onnx")
 
 
-def check_dir_output(model: Any, plan: Plan) -> Any:
-    """The config of the reduced model, or an error saying why a directory cannot hold it."""
+def check_dir_output(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[int, ...]], set[str]]:
+    """The reduced model's config, the tensor shapes it implies (from an instance on the meta
+    device), and its tied aliases; or an error saying why a directory cannot hold the model."""
     require_hf_input(model)
-    kept = {sp.name: len(sp.kept) for sp in plan.sites}
+    planned = {sp.name: sp for sp in plan.sites}
     config = copy.deepcopy(model.hf_config)
     for kind, label in (("neuron", "FFN"), ("head", "attention")):
         sites = [s for s in model.sites if s.kind == kind]
-        widths = {kept.get(s.name, s.width) for s in sites}
-        planned = [s for s in sites if s.name in kept]
-        if not planned:
+        widths = {len(planned[s.name].kept) if s.name in planned else s.width for s in sites}
+        mine = [s for s in sites if s.name in planned]
+        if not mine:
             continue
         if len(widths) > 1:
             raise UsageError(
@@ -145,26 +150,37 @@ def check_dir_output(model: Any, plan: Plan) -> Any:
                 f"keep the same number of units in every layer (--keep-count N, or --keep with --round-to), {_OUTPUTS}",
             )
         width = widths.pop()
-        new_bias = any(c.fold_mode == "new-bias" for s in planned for c in s.consumers)
+        # A bias must appear where a nonzero constant is folded into a consumer that has none.
+        new_bias = any(c.fold_mode == "new-bias" and any(planned[s.name].replacement.values) for s in mine for c in s.consumers)
         if kind == "neuron":
             _set(config, "intermediate_size", width, "a smaller FFN")
             if new_bias:
                 _set(config, "mlp_bias", True, "the bias of down_proj that holds the folded constants")
             continue
-        head_dim = planned[0].producers[2].group
-        if getattr(config, "head_dim", None) is None:
-            raise UsageError(
-                f"{type(config).__name__} derives the head size from hidden_size / num_attention_heads, so config.json cannot express removed heads",
-                f"write -o reduced.safetensors (cmrtool rebuilds it: cmrtool.load_reduced) or -o reduced.onnx",
-            )
-        config.num_attention_heads = width * planned[0].group // head_dim
+        head_dim = mine[0].producers[2].group
+        config.num_attention_heads = width * mine[0].group // head_dim
         if hasattr(config, "num_key_value_heads"):
             config.num_key_value_heads = width
         config.head_dim = head_dim
         if new_bias:
             _set(config, "attention_bias", True, "the bias of o_proj that holds the folded head outputs")
     config.architectures = [type(model.module).__name__]
-    return config
+    with torch.device("meta"):  # shapes only: which tensors the new config makes, and how large
+        fresh = type(model.module)(config)
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    for sp in plan.sites:
+        site = model.site(sp.name)
+        rows = len(sp.kept) * site.producers[0].group
+        if want.get(site.producers[0].name, (rows,))[0] != rows:
+            raise UsageError(
+                f"{type(config).__name__} derives the head size from hidden_size / num_attention_heads, so config.json cannot express removed heads"
+                if site.kind == "head" else f"config.json of {type(config).__name__} cannot express the reduced {site.producers[0].name}",
+                f"write -o reduced.safetensors (cmrtool rebuilds it: cmrtool.load_reduced) or -o reduced.onnx",
+            )
+    aliases: dict[int, list[str]] = {}
+    for k, prm in fresh.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(prm), []).append(k)
+    return config, want, {k for names in aliases.values() for k in names[1:]}
 
 
 def write_dir(model: Any, path: str | Path, tensors: Mapping[str, torch.Tensor], plan: Plan) -> None:
@@ -173,14 +189,7 @@ def write_dir(model: Any, path: str | Path, tensors: Mapping[str, torch.Tensor],
 
     from cmrtool.backends.checkpoint import ARCH_KEY, PLAN_KEY, unique_tensors
 
-    config = check_dir_output(model, plan)
-    with torch.device("meta"):  # shapes only: which tensors the new config makes, and how large
-        fresh = type(model.module)(config)
-    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    aliases: dict[int, list[str]] = {}
-    for k, prm in fresh.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(prm), []).append(k)
-    tied = {k for names in aliases.values() for k in names[1:]}
+    config, want, tied = check_dir_output(model, plan)
     state: dict[str, torch.Tensor] = {}
     for k, shape in want.items():
         t = tensors.get(k)
@@ -189,12 +198,12 @@ def write_dir(model: Any, path: str | Path, tensors: Mapping[str, torch.Tensor],
         if t is None:
             if k in tied:
                 continue
-            raise InputError(f"the reduced model has no tensor {k}, which {type(fresh).__name__} expects", f"please report this; meanwhile {_OUTPUTS}")
+            raise InputError(f"the reduced model has no tensor {k}, which {type(model.module).__name__} expects", f"please report this; meanwhile {_OUTPUTS}")
         if tuple(t.shape) != shape:
             raise UsageError(f"config.json cannot express the reduced {k}: shape {tuple(t.shape)}, the config gives {shape}", f"keep those units {_OUTPUTS}")
         state[k] = t
     source, added = set(model.module.state_dict()), set(tensors) - set(model.tensors())
-    extra = sorted(k for k in tensors if k not in want and (k in source or k in added))
+    extra = [k for k in tensors if k not in want and (k in source or (k in added and bool(tensors[k].any())))]
     if extra:
         raise UsageError(f"{type(config).__name__} cannot hold {extra[0]} (a bias the folded constants need)", f"use --replacement zero to fold nothing, {_OUTPUTS}")
     out = Path(path)

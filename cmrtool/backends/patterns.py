@@ -3,23 +3,23 @@
 Hugging Face models cannot be traced symbolically, so their sites are recognized by the modules
 they are made of; every site is read and written at its consumer's input (a :class:`Tap`):
 
-=======================  ==============================================  =====================
-structure                 example                                         site
-=======================  ==============================================  =====================
-``X.intermediate.dense``  BERT, RoBERTa, ViT (``*Intermediate`` /         neuron, named
-→ act → ``X.output.dense``  ``*Output`` modules)                           ``X.intermediate.dense``
-``act(gate_proj(x)) *``   LLaMA, Mistral, Qwen2, Gemma MLPs               neuron, named after
-``up_proj(x) → down_proj``                                                  the MLP module
-``q/k/v_proj → o_proj``   LLaMA-family attention, digits ``Attention``    head (grouped), named
-                                                                            after the attention
-``self.query/key/value``  BERT/ViT attention                              head (grouped)
-``→ output.dense``
-=======================  ==============================================  =====================
+- ``X.intermediate.dense → act → X.output.dense`` (``*Intermediate`` / ``*Output`` modules: BERT,
+  RoBERTa): neuron site ``X.intermediate.dense``;
+- ``X.fc2(act(X.fc1(x)))`` with an ``act_fn``-like attribute (ViT, CLIP MLPs): neuron site ``X.fc1``;
+- ``X.down_proj(act(X.gate_proj(x)) * X.up_proj(x))`` (LLaMA, Mistral, Qwen2, Gemma MLPs): neuron
+  site named after the MLP module ``X``; unit j has two producers, gate row j and up row j;
+- ``q_proj / k_proj / v_proj → o_proj`` (LLaMA family, ViT, the digits ``Attention``) and
+  ``self.query / key / value → output.dense`` (BERT, RoBERTa): head site named after the
+  attention module.
 
 A head owns ``head_dim`` rows of q/k/v and the same block of o_proj columns. With grouped-query
 attention (fewer key/value heads than query heads) a unit is a whole **key/value group**: one
 k/v head and the query heads that share it, so the model keeps a valid GQA layout. GPT-2's
 ``Conv1D`` layers (transposed weights, fused q/k/v) are reported as not supported.
+
+Structures are recognized by module names and types, not by reading forward code; a module
+whose forward does something else is caught by compile's fold-error check, which requires an
+exact site to match the clamped original to float rounding.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ _KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads")
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
 _O_NAMES = ("o_proj", "out_proj")
 _NORM_WORDS = ("norm", "ln")
+_ACT_ATTRS = ("activation_fn", "act_fn", "act", "activation")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,20 @@ def _intermediate_pair(name: str, mod: nn.Module) -> tuple[Site, Tap] | Rejectio
         consumers=(_consumer(cname, odense),), activation=_act_name(getattr(inter, "intermediate_act_fn", None)), value=cname,
     )
     return site, Tap((cname,), (None,))
+
+
+def _fc_pair(name: str, mod: nn.Module) -> tuple[Site, Tap] | Rejection | None:
+    """An MLP module ``fc2(act(fc1(x)))`` (ViT, CLIP, …): fc1, fc2 and an activation attribute."""
+    fc1, fc2 = getattr(mod, "fc1", None), getattr(mod, "fc2", None)
+    act = next((getattr(mod, a) for a in _ACT_ATTRS if getattr(mod, a, None) is not None), None)
+    if not (_linear(fc1) and _linear(fc2)) or act is None or fc2.in_features != fc1.out_features:
+        return None
+    p = f"{name}." if name else ""
+    site = Site(
+        name=p + "fc1", kind="neuron", width=fc1.out_features, producers=tuple(_slices(p + "fc1", fc1)),
+        consumers=(_consumer(p + "fc2", fc2),), activation=_act_name(act), value=p + "fc2",
+    )
+    return site, Tap((p + "fc2",), (None,))
 
 
 def _gated(name: str, mod: nn.Module) -> tuple[Site, Tap] | Rejection | None:
@@ -174,7 +189,7 @@ def find_structures(root: nn.Module, config: Any = None) -> Iterator[tuple[Site,
     """Sites (with taps), rejections and unsupported-layer labels of the known structures."""
     conv1d_parents: set[str] = set()
     for name, mod in root.named_modules():
-        for finder in (_intermediate_pair, _gated):
+        for finder in (_intermediate_pair, _fc_pair, _gated):
             found = finder(name, mod)
             if found is not None:
                 yield found
