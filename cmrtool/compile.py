@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.scoring import ScoreReport
 from cmrtool.selection import choose_kept, kept_width, validate_keep
 from cmrtool.sites import Site
+
+if TYPE_CHECKING:
+    from cmrtool.export import OnnxReport
 
 __all__ = ["REPLACEMENTS", "make_plan", "clamp_edits", "fold_error", "CompileReport", "compile_model", "output_kind"]
 
@@ -169,7 +172,7 @@ class CompileReport:
     sites: tuple[dict[str, Any], ...]
     fold_error: FoldError | None = None
     notes: tuple[str, ...] = field(default=())
-    onnx: Any = None
+    onnx: OnnxReport | None = None
 
     def to_json(self) -> dict[str, Any]:
         fe = self.fold_error

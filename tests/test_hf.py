@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from helpers import write_data
 from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")

@@ -175,7 +175,7 @@ def check_dir_output(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[int, 
             raise UsageError(
                 f"{type(config).__name__} derives the head size from hidden_size / num_attention_heads, so config.json cannot express removed heads"
                 if site.kind == "head" else f"config.json of {type(config).__name__} cannot express the reduced {site.producers[0].name}",
-                f"write -o reduced.safetensors (cmrtool rebuilds it: cmrtool.load_reduced) or -o reduced.onnx",
+                "write -o reduced.safetensors (cmrtool rebuilds it: cmrtool.load_reduced) or -o reduced.onnx",
             )
     aliases: dict[int, list[str]] = {}
     for k, prm in fresh.named_parameters(remove_duplicate=False):

@@ -80,10 +80,11 @@ class ModuleModel:
     # -- discovery ------------------------------------------------------------------------------
     def _discover(self) -> None:
         found: list[Any] = []
-        if self.hf_config is None:  # Hugging Face forwards do not trace; their layouts are known
+        config = self.hf_config if self.hf_config is not None else _transformers_config(self.module)
+        if config is None:  # Hugging Face forwards do not trace; their layouts are known
             traced, self.notes = fx_sites(self.module)
             found += traced
-        for item in find_structures(self.module, self.hf_config):
+        for item in find_structures(self.module, config):
             if isinstance(item, str):
                 self.unsupported.append(item)
             else:
@@ -287,6 +288,12 @@ def output_tensor(out: Any) -> torch.Tensor:
         f"the model returns {type(out).__name__}, not logits",
         "cmrtool needs a model whose forward returns a logits tensor (or a tuple starting with one)",
     )
+
+
+def _transformers_config(module: nn.Module) -> Any:
+    """The config of a ``transformers`` model built by a factory (None for other modules)."""
+    is_hf = any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+    return getattr(module, "config", None) if is_hf else None
 
 
 def _signature(module: nn.Module) -> tuple[list[str], int, dict[str, Any]]:
