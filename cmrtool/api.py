@@ -111,13 +111,14 @@ def inspect(
     path: str | Path,
     calib: str | Path | None = None,
     input_shape: str | Sequence[int] | None = None,
+    arch: str | None = None,
 ) -> Any:
     """Sites, fold kinds, parameters and MACs of a model (:class:`cmrtool.inspection.InspectReport`)."""
     from cmrtool.data import open_data
     from cmrtool.inspection import example_inputs, inspect_model
 
     _single_stdin(path, calib)
-    model = open_model(path)
+    model = open_model(path, arch)
     inputs = None
     if calib is not None:
         inputs = list(open_data(calib, model).read(0, 1).inputs)
@@ -141,6 +142,7 @@ def score(
     parents: int = 8,
     ridge: float = 1e-3,
     loss: str = "auto",
+    arch: str | None = None,
 ) -> Any:
     """Score every unit of the selected sites (:class:`cmrtool.scoring.ScoreReport`)."""
     from cmrtool.criteria import get_criterion
@@ -152,7 +154,7 @@ def score(
     get_criterion(criterion)
     check_curvature(curvature)
     check_loss(loss)
-    model = open_model(path)
+    model = open_model(path, arch)
     model.require_sites()
     chosen = select_sites(model.sites, sites, kinds)
     data = open_data(calib, model)
@@ -186,6 +188,8 @@ def compile(
     ridge: float = 1e-3,
     curvature: str = "auto",
     loss: str = "auto",
+    arch: str | None = None,
+    onnx: str | Path | None = None,
 ) -> Any:
     """Reduce a model and write the smaller checkpoint (:class:`cmrtool.compile.CompileReport`).
 
@@ -201,8 +205,12 @@ def compile(
         parents, ridge: affine replacements: parents per unit and relative ridge.
         curvature: ``auto``, ``exact`` or ``sampled`` Gauss-Newton curvature.
         loss: ``auto`` (cross-entropy with labels, else KL to the model's prediction), ``ce``, ``kl``.
+
+    ``output`` is the backend's checkpoint (``.pt`` for TorchScript, ``.safetensors`` for
+    nn.Modules), a Hugging Face directory (ends with ``/``; Hugging Face inputs whose layers keep
+    equal widths), or ``.onnx``; ``onnx`` additionally exports the reduced model to that file.
     """
-    from cmrtool.compile import check_allocation, compile_model
+    from cmrtool.compile import check_allocation, compile_model, output_kind
     from cmrtool.criteria import REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
     from cmrtool.errors import InputError
@@ -234,10 +242,19 @@ def compile(
     _single_stdin(path, calib, score_path)
     if str(output) == "-":
         raise UsageError("compile cannot write the model to stdout", "give a file name with -o, e.g. -o reduced.pt")
-    out = check_output_path(output, [p for p in (path, calib, score_path) if p is not None], force)
+    kind = output_kind(output)
+    if (kind == "onnx" or onnx is not None) and (calib is None or check_samples < 1):
+        raise UsageError("ONNX export needs example inputs", "pass --calib (and --check-samples ≥ 1): its first samples are exported and checked with onnxruntime")
+    inputs = _input_files(path, calib, score_path)
+    out = check_output_path(output, inputs, force, directory=kind == "dir")
+    if onnx is not None:
+        if output_kind(onnx) != "onnx":
+            raise UsageError(f"--onnx {onnx} does not end in .onnx", "e.g. --onnx reduced.onnx")
+        check_output_path(onnx, [*inputs, out], force)
 
-    model = open_model(path)
+    model = open_model(path, arch)
     model.require_sites()
+    _check_output_format(model, out, kind)
     explicit = bool(sites)
     chosen = select_sites(model.sites, sites, kinds)
     unfoldable = [s for s in chosen if not s.foldable]
@@ -272,13 +289,45 @@ def compile(
 
     plan = plan_reduction(model, data, chosen, report, keep, keep_count, round_to, schedule, progress or _no_progress, **options)
     plan = dataclasses.replace(plan, source_sha256=model.sha256)
+    if kind == "dir":
+        from cmrtool.backends.hf import check_dir_output
+
+        check_dir_output(model, plan)  # uniform widths and a config that can express them
     check = None
     if data is not None:
         shapes = [list(s) for s in data.input_shapes().values()]
         plan = dataclasses.replace(plan, settings=plan.settings + (("input_shapes", shapes),))
         if check_samples > 0:
             check = list(data.read(0, min(data.n, check_samples)).inputs)
-    return compile_model(model, plan, out, check)
+    return compile_model(model, plan, output, check, onnx)
+
+
+def _check_output_format(model: Any, out: Path, kind: str) -> None:
+    """The output is a format this model can be written in (before any scoring)."""
+    if kind == "dir":
+        from cmrtool.backends.hf import require_hf_input
+
+        require_hf_input(model)
+    elif kind == "file":
+        torchscript = model.format == "torchscript"
+        if torchscript == (out.suffix.lower() == ".safetensors"):
+            native = "TorchScript (e.g. reduced.pt)" if torchscript else "safetensors (reduced.safetensors)"
+            raise UsageError(
+                f"a {model.format} model is written as {native}, not as {out.name}",
+                "change the output name, or write -o reduced.onnx" + ("" if torchscript else " or, for a Hugging Face input, a directory: -o reduced/"),
+            )
+
+
+def _input_files(*paths: str | Path | None) -> list[str | Path]:
+    """The inputs an output must never replace (a Hugging Face directory: and every file in it)."""
+    files: list[str | Path] = []
+    for p in paths:
+        if p is None:
+            continue
+        files.append(p)
+        if str(p) != "-" and Path(p).is_dir():
+            files.extend(f for f in Path(p).iterdir() if f.is_file())
+    return files
 
 
 def _criterion_of(scores: Any, read: Callable[[Any], bytes]) -> str:
@@ -303,6 +352,7 @@ def verify(
     max_fold_error: float | None = None,
     onnx: str | Path | None = None,
     progress: ProgressFactory | None = None,
+    arch: str | None = None,
 ) -> Any:
     """Verify a reduced checkpoint against its original (:class:`cmrtool.verify.VerifyReport`).
 
@@ -315,8 +365,8 @@ def verify(
     from cmrtool.verify import verify as run_verify
 
     _single_stdin(original, reduced, data)
-    o = open_model(original)
-    r = open_model(reduced)
+    o = open_model(original, arch)
+    r = open_model(reduced, arch if str(reduced).endswith(".safetensors") else None)
     ds = open_data(data, o)
     report = run_verify(
         o, r, ds, swaps=swaps, p=p, seed=seed, sites=sites, batch_size=batch_size,
@@ -337,6 +387,7 @@ def bench(
     repeats: int = 30,
     progress: ProgressFactory | None = None,
     warn: Callable[[str], None] | None = None,
+    arch: str | None = None,
 ) -> Any:
     """Parameters, MACs and measured speed of models, each compared with the first (:class:`cmrtool.bench.BenchReport`).
 
@@ -350,7 +401,7 @@ def bench(
     settings = BenchSettings(batch=batch, device=device, dtype=dtype, warmup=warmup, repeats=repeats)
     _single_stdin(*paths, data)
     shapes = [_parse_shape(s) if isinstance(s, str) else list(s) for s in input_shapes] if input_shapes else None
-    return bench_models(paths, settings, data, shapes, progress or _no_progress, warn)
+    return bench_models(paths, settings, data, shapes, progress or _no_progress, warn, arch)
 
 
 def audit(
@@ -364,6 +415,7 @@ def audit(
     validate: int = 0,
     batch_size: int = 256,
     progress: ProgressFactory | None = None,
+    arch: str | None = None,
 ) -> Any:
     """Reparameterization audit and criterion validation (:class:`cmrtool.audit.AuditReport`)."""
     from cmrtool.audit import audit as run_audit
@@ -381,7 +433,7 @@ def audit(
     if seeds < 1 or validate < 0:
         raise UsageError("--seeds must be at least 1 and --validate at least 0", "e.g. --seeds 10 --validate 64")
     _single_stdin(path, calib)
-    model = open_model(path)
+    model = open_model(path, arch)
     model.require_sites()
     chosen = select_sites(model.sites, sites, None)
     data = open_data(calib, model)

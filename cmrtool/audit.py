@@ -175,16 +175,20 @@ def audit(
             # earlier site's consumer, which is not a change of the earlier site's coordinates.
             for site in ok:
                 scales = {site.name: torch.exp(torch.empty(site.width, dtype=torch.float64).uniform_(lo, hi, generator=g))}
+                rescaled = rescaled_tensors(tensors, [site], scales)
                 path = Path(tmp) / f"twin{seed}_{len(jac[site.name][criteria[0]])}_{site.name}.pt"
-                model.write(path, rescaled_tensors(tensors, [site], scales), None)
-                twin = type(model)(str(path))
+                if hasattr(model, "twin"):  # nn.Module backend: an in-memory copy
+                    twin = model.twin(rescaled)
+                else:  # TorchScript: the rescaled graph written and loaded back, as a user would
+                    model.write(path, rescaled, None)
+                    twin = type(model)(str(path))
                 with torch.no_grad():
                     worst = max(worst, float((twin.forward(list(x)).to(torch.float64) - ref).abs().max()))
                 for c in criteria:
                     # random's draws follow the seed, as in the paper's random-selector control
                     kept = _kept(twin, data, c, [twin.site(site.name)], keep, seed + 1 if c == "random" else 0, batch_size)
                     jac[site.name][c].append(_jaccard(base[c][site.name], kept[site.name]))
-                path.unlink()
+                path.unlink(missing_ok=True)
             if progress is not None:
                 progress(1)
     summary = {

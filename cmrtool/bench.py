@@ -198,16 +198,19 @@ def bench_models(
     input_shapes: Sequence[Sequence[int]] | None = None,
     progress: ProgressFactory | None = None,
     warn: Callable[[str], None] | None = None,
+    arch: str | None = None,
 ) -> BenchReport:
     """Measure size, MACs and speed of ``paths``, comparing each with the first (DESIGN §3.7).
 
     Args:
-        paths: TorchScript checkpoints and/or ``.onnx`` files taking the same inputs.
+        paths: checkpoints (TorchScript, ``.safetensors`` with ``arch``, reduced ``.safetensors``,
+            Hugging Face directories) and/or ``.onnx`` files taking the same inputs.
         settings: batch size, device, precision, warm-up and timed rounds.
         data: a data file whose first ``batch`` samples form the benchmark batch; else random
             tensors of ``input_shapes`` (batch dimension replaced), else of the shapes a reduced
             model recorded at compile time.
         progress, warn: the output layer's progress factory and warning printer.
+        arch: ``pkg.module:factory`` for ``.safetensors`` weights (DESIGN §3.1).
 
     Example:
         >>> r = bench_models(["model.pt", "reduced.pt"], BenchSettings(device="cpu"), input_shapes=[[1, 1, 8, 8]])
@@ -228,7 +231,7 @@ def bench_models(
     for n in fallback:
         note(n)
     threads = torch.get_num_threads()
-    loaded = [load_bench_model(str(p), threads, target, note) for p in paths]
+    loaded = [load_bench_model(str(p), threads, target, note, arch) for p in paths]
     inputs, source = benchmark_inputs(loaded, None if data is None else str(data), input_shapes, batch)
 
     runners, err, bad = make_runners(loaded, inputs, target)

@@ -58,14 +58,15 @@ app = typer.Typer(
 )
 
 # Options shared by several commands.
-ModelArg = Annotated[str, typer.Argument(help="TorchScript checkpoint (torch.jit.save); '-' reads stdin.", show_default=False)]
+ModelArg = Annotated[str, typer.Argument(help="TorchScript checkpoint (torch.jit.save; '-' reads stdin), .safetensors weights (with --arch), or a Hugging Face directory (config.json + model.safetensors).", show_default=False)]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="For .safetensors weights: pkg.module:factory, a callable that returns the nn.Module (e.g. cmrtool.testing.models:digits_mlp).", show_default=False)]
 JsonOpt = Annotated[Optional[bool], typer.Option("--json/--no-json", help="JSON on stdout (default: JSON when stdout is not a terminal).", show_default=False)]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: usable CPUs, at most 4).", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for criteria that draw (random).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")]
 SiteOpt = Annotated[Optional[list[str]], typer.Option("--site", help="Site name or glob (repeatable), e.g. --site 'blocks.*.fc1'. Default: every neuron and channel site.", show_default=False)]
-KindOpt = Annotated[Optional[list[str]], typer.Option("--kind", help="Only sites of this kind: neuron, channel, head (repeatable).", show_default=False)]
+KindOpt = Annotated[Optional[list[str]], typer.Option("--kind", help="Only sites of this kind: neuron, channel, head (repeatable). Heads are reduced only when asked for.", show_default=False)]
 CriterionOpt = Annotated[str, typer.Option("--criterion", "-c", help=f"Scoring criterion: {CRITERIA}.")]
 KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Fraction of each site's units to keep, in (0, 1].", show_default=False)]
 KeepCountOpt = Annotated[Optional[int], typer.Option("--keep-count", help="Number of units to keep per site (instead of --keep).", show_default=False)]
@@ -92,12 +93,15 @@ def _setup(threads: int | None) -> None:
     epilog=_examples(
         "cmrtool inspect model.pt",
         "cmrtool inspect model.pt --calib calib.safetensors --json | jq '.sites[].name'",
+        "cmrtool inspect model.safetensors --arch mypkg.models:build_model",
+        "cmrtool inspect ./bert-dir --input-shape 1,128",
     )
 )
 def inspect(
     model: ModelArg,
     calib: Annotated[Optional[str], typer.Option("--calib", help="Data file whose first sample sizes the MAC count.", show_default=False)] = None,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape for the MAC count, e.g. 1,1,8,8.", show_default=False)] = None,
+    arch: ArchOpt = None,
     json_mode: JsonOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -109,7 +113,7 @@ def inspect(
 
     out = _output(json_mode, quiet)
     _setup(threads)
-    report = api.inspect(model, calib, input_shape)
+    report = api.inspect(model, calib, input_shape, arch)
     out.result(report.to_json(), lambda c: render.inspect_table(report, c))
     if not report.sites:
         raise UnsupportedModelError(f"no reducible sites in {model}", no_sites_hint(report.rejected, report.unsupported))
@@ -141,6 +145,7 @@ def score(
     ridge: RidgeOpt = 1e-3,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
+    arch: ArchOpt = None,
     json_mode: JsonOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -160,7 +165,7 @@ def score(
     if output is not None:
         check_output_path(output, [model, calib], force)
     _setup(threads)
-    report = api.score(model, calib, criterion, site, kind, seed, batch_size, limit, out.progress, curvature, parents, ridge, loss)
+    report = api.score(model, calib, criterion, site, kind, seed, batch_size, limit, out.progress, curvature, parents, ridge, loss, arch)
     doc = report.to_json()
     if keep is not None or keep_count is not None:
         for s in doc["sites"]:
@@ -179,11 +184,13 @@ def score(
         "cmrtool compile model.pt --calib calib.safetensors --site body.2 --keep-count 128 --round-to 8 -o reduced.pt",
         "cmrtool score model.pt --calib calib.safetensors --json \\",
         "  | cmrtool compile model.pt --scores - --keep 0.5 -o reduced.pt",
+        "cmrtool compile model.safetensors --arch mypkg.models:build_model --calib calib.safetensors --keep 0.5 -o reduced.safetensors",
+        "cmrtool compile ./llama-dir --calib calib.safetensors --kind head --keep-count 4 -o ./llama-reduced/ --onnx reduced.onnx",
     ),
 )
 def compile_(
     model: ModelArg,
-    output: Annotated[str, typer.Option("--output", "-o", help="Reduced checkpoint to write (refuses to overwrite without --force).", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="What to write (refuses to overwrite without --force): reduced.pt for TorchScript input; reduced.safetensors for .safetensors or Hugging Face input (cmrtool rebuilds it); DIR/ (trailing slash) for a Hugging Face directory that from_pretrained loads (equal widths in every layer); reduced.onnx for ONNX only.", show_default=False)],
     calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data: scores the model, and checks the fold error of the result.", show_default=False)] = None,
     scores: Annotated[Optional[str], typer.Option("--scores", help="Scores from 'cmrtool score --json' ('-' reads stdin) instead of scoring here.", show_default=False)] = None,
     keep: KeepOpt = None,
@@ -202,8 +209,10 @@ def compile_(
     kind: KindOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists (never an input).")] = False,
     check_samples: Annotated[int, typer.Option("--check-samples", help="Calibration samples used to measure the fold error (0 skips the check).")] = 256,
+    onnx: Annotated[Optional[str], typer.Option("--onnx", help="Also export the reduced model to this .onnx file, checked with onnx.checker and onnxruntime (needs --calib).", show_default=False)] = None,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
+    arch: ArchOpt = None,
     json_mode: JsonOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -218,7 +227,7 @@ def compile_(
         keep=keep, keep_count=keep_count, round_to=round_to, replacement=replacement, seed=seed,
         batch_size=batch_size, force=force, check_samples=check_samples, progress=out.progress, warn=out.warn,
         allocation=allocation, schedule=schedule, joint_refit=joint_refit, parents=parents, ridge=ridge, curvature=curvature,
-        loss=loss,
+        loss=loss, arch=arch, onnx=onnx,
     )
     out.result(report.to_json(), lambda c: render.compile_table(report, c))
 
@@ -228,10 +237,12 @@ def compile_(
         "cmrtool verify model.pt reduced.pt --data heldout.safetensors",
         "cmrtool verify model.pt reduced.pt --data heldout.safetensors --swaps 2000 --min-iia 0.9 --max-kl 0.5",
         "cmrtool verify model.pt reduced.pt --data heldout.safetensors --onnx reduced.onnx --json > report.json",
+        "cmrtool verify model.safetensors reduced.safetensors --arch mypkg.models:build_model --data heldout.safetensors",
+        "cmrtool verify ./bert-dir ./bert-reduced --data heldout.safetensors",
     )
 )
 def verify(
-    original: Annotated[str, typer.Argument(help="The original TorchScript checkpoint.", show_default=False)],
+    original: Annotated[str, typer.Argument(help="The original checkpoint (TorchScript, .safetensors with --arch, or a Hugging Face directory).", show_default=False)],
     reduced: Annotated[str, typer.Argument(help="The checkpoint cmrtool compile wrote from it (its plan travels inside).", show_default=False)],
     data: Annotated[str, typer.Option("--data", help="Held-out data ('input' [and 'labels']).", show_default=False)],
     swaps: Annotated[int, typer.Option("--swaps", help="Interchange interventions per site (and for all sites together).")] = 2000,
@@ -243,6 +254,7 @@ def verify(
     onnx: Annotated[Optional[str], typer.Option("--onnx", help="An ONNX export of the reduced model: report onnxruntime vs torch max |diff|.", show_default=False)] = None,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
+    arch: ArchOpt = None,
     json_mode: JsonOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -255,7 +267,7 @@ def verify(
     _setup(threads)
     report = api.verify(
         original, reduced, data, swaps=swaps, p=p, seed=seed, sites=site, batch_size=batch_size,
-        min_iia=min_iia, max_kl=max_kl, max_fold_error=max_fold_error, onnx=onnx, progress=out.progress,
+        min_iia=min_iia, max_kl=max_kl, max_fold_error=max_fold_error, onnx=onnx, progress=out.progress, arch=arch,
     )
     out.result(report.to_json(), lambda c: render.verify_table(report, c))
     if not report.passed:
@@ -267,10 +279,11 @@ def verify(
         "cmrtool bench model.pt reduced.pt --data calib.safetensors",
         "cmrtool bench model.pt reduced.pt --input-shape 1,1,8,8 --batch 256 --device cuda --dtype fp16",
         "cmrtool bench model.pt reduced.pt reduced.onnx --repeats 100 --json > bench.json",
+        "cmrtool bench model.safetensors reduced.safetensors --arch mypkg.models:build_model --data calib.safetensors",
     )
 )
 def bench(
-    models: Annotated[list[str], typer.Argument(help="TorchScript checkpoints (.pt) and ONNX files (.onnx, run by onnxruntime) taking the same inputs; the first is the baseline.", show_default=False)],
+    models: Annotated[list[str], typer.Argument(help="Checkpoints (TorchScript .pt, .safetensors with --arch, reduced .safetensors, Hugging Face directories) and ONNX files (.onnx, run by onnxruntime) taking the same inputs; the first is the baseline.", show_default=False)],
     data: Annotated[Optional[str], typer.Option("--data", help="Data file whose first --batch samples are the benchmark batch.", show_default=False)] = None,
     input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Shape of a random input, e.g. 1,1,8,8 (the batch dimension becomes --batch); repeat for several inputs. Default: the shapes a reduced model recorded at compile time.", show_default=False)] = None,
     batch: Annotated[int, typer.Option("--batch", "--batch-size", help="Samples per timed forward pass.")] = 64,
@@ -278,6 +291,7 @@ def bench(
     dtype: Annotated[str, typer.Option("--dtype", help="fp16, bf16 or fp32. On a CPU without native fp16, fp16 falls back to fp32 and the report says so.")] = "fp16",
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds before timing.")] = 5,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed rounds; each runs every model once, alternating.")] = 30,
+    arch: ArchOpt = None,
     json_mode: JsonOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -289,7 +303,7 @@ def bench(
     _setup(threads)
     report = api.bench(
         models, data=data, input_shapes=input_shape, batch=batch, device=device, dtype=dtype,
-        warmup=warmup, repeats=repeats, progress=out.progress, warn=out.warn,
+        warmup=warmup, repeats=repeats, progress=out.progress, warn=out.warn, arch=arch,
     )
     out.result(report.to_json(), lambda c: render.bench_table(report, c))
 
@@ -299,6 +313,7 @@ def bench(
         "cmrtool audit model.pt --calib calib.safetensors",
         "cmrtool audit model.pt --calib calib.safetensors --criteria cmr-logit,cmr-const,vbp --seeds 10 --validate 64",
         "cmrtool audit model.pt --calib calib.safetensors --scale-range 0.1,10 --json > audit.json",
+        "cmrtool audit model.safetensors --arch mypkg.models:build_model --calib calib.safetensors",
     )
 )
 def audit(
@@ -311,6 +326,7 @@ def audit(
     validate: Annotated[int, typer.Option("--validate", help="Also measure the true damage of replacing N sampled units alone and its rank correlation with each criterion.")] = 0,
     site: SiteOpt = None,
     batch_size: BatchOpt = 256,
+    arch: ArchOpt = None,
     json_mode: JsonOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -327,7 +343,7 @@ def audit(
     _setup(threads)
     report = api.audit(
         model, calib, [c.strip() for c in criteria.split(",") if c.strip()], site, keep, seeds, (lo, hi), validate,
-        batch_size, out.progress,
+        batch_size, out.progress, arch,
     )
     out.result(report.to_json(), lambda c: render.audit_table(report, c))
 

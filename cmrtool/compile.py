@@ -6,7 +6,8 @@ or zero (``"zero"``: plain deletion without folding a meaningful constant, the b
 shows what folding buys).
 
 :func:`compile_model` folds the plan (:func:`cmrtool.fold.fold`, a pure function), writes the
-checkpoint to an unnamed temporary file, reloads it and measures the **fold error**
+checkpoint to an unnamed temporary file (or a temporary directory), reloads it with the
+backend that wrote it (``model.reopen``) and measures the **fold error**
 ``max |R(x) − O_clamped(x)|`` on a check batch, where ``O_clamped`` is the original with
 replaced units fixed to their replacements (DESIGN §3.5 step 1). Only then does the file get
 its name in the directory; an exact site whose fold error exceeds float rounding aborts the
@@ -18,24 +19,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cmrtool import distributed
 from cmrtool.criteria import ALLOCATIONS, REGISTRY, REPLACEMENT_MODES, get_criterion
-from cmrtool.errors import CmrError, InputError, UsageError
-from cmrtool.fold import fold
-from cmrtool.io import atomic_write
+from cmrtool.errors import CmrError, InputError, UnsupportedModelError, UsageError
+from cmrtool.fold import fold, unit_rows
+from cmrtool.io import atomic_dir, atomic_write
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.scoring import ScoreReport
 from cmrtool.selection import choose_kept, kept_width, validate_keep
 from cmrtool.sites import Site
 
-__all__ = ["REPLACEMENTS", "make_plan", "with_affine", "with_constants", "compose", "check_allocation", "clamp_edits", "fold_error", "CompileReport", "compile_model"]
+if TYPE_CHECKING:
+    from cmrtool.export import OnnxReport
+
+__all__ = [
+    "REPLACEMENTS", "make_plan", "with_affine", "with_constants", "compose", "check_allocation", "clamp_edits",
+    "fold_error", "CompileReport", "compile_model", "output_kind",
+]
 
 REPLACEMENTS = REPLACEMENT_MODES
 # Relative tolerance for "equal to float rounding" per dtype (max |Δ| / max |logit|).
@@ -130,10 +139,17 @@ def make_plan(
             ) from None
         if ss.width != site.width:
             raise InputError(f"scores for site {site.name} have width {ss.width}, the model has {site.width}", "the scores were made for another model")
+        if ss.group != site.group:
+            raise InputError(f"scores for site {site.name} have {ss.group} values per unit, the model has {site.group}", "the scores were made for another model")
         if replacement == "optimal" and ss.optimal is None:
             raise UsageError(
                 "--replacement optimal needs the curvature of the loss, which these scores do not have",
                 "score with -c cmr-const, or compile with --calib so cmrtool gathers it",
+            )
+        if site.group != 1 and replacement in ("optimal", "affine"):
+            raise UsageError(
+                f"site {site.name} is grouped (attention heads): --replacement {replacement} applies to neuron and channel sites",
+                "use --replacement auto, mean or zero for heads",
             )
     if counts is None:
         counts = _global_counts(scores, sites, keep, keep_count, round_to) if allocation == "global" else {
@@ -144,11 +160,11 @@ def make_plan(
         ss = scores.site(site.name)
         kept, replaced = choose_kept(torch.tensor(ss.scores, dtype=torch.float64), counts[site.name])
         source = {
-            "auto": ss.replacement, "mean": ss.mean, "zero": (0.0,) * site.width, "optimal": ss.optimal, "affine": ss.mean,
+            "auto": ss.replacement, "mean": ss.mean, "zero": (0.0,) * site.channels, "optimal": ss.optimal, "affine": ss.mean,
         }[replacement]
         assert source is not None
-        values = tuple(float(source[j]) for j in replaced)
-        plans.append(SitePlan(site.name, site.kind, site.width, kept, replaced, Replacement("constant", values)))
+        values = tuple(float(source[i]) for i in unit_rows(replaced, site.group).tolist())
+        plans.append(SitePlan(site.name, site.kind, site.width, kept, replaced, Replacement("constant", values), site.group))
     settings = (
         ("keep", keep),
         ("keep_count", keep_count),
@@ -218,7 +234,7 @@ def _unit_shape(site: Site, rank: int) -> tuple[int, ...]:
     """Shape that broadcasts a per-unit vector over a site value of ``rank`` dims."""
     if site.kind == "channel":
         return (site.width,) + (1,) * max(rank - 2, 0)
-    return (site.width,)
+    return (site.channels,)
 
 
 def clamp_edits(
@@ -241,9 +257,9 @@ def clamp_edits(
         if sp.replacement.kind == "affine":
             edits[sp.name] = _affine_map(sp, ranks[sp.name], site.kind, dtype)
             continue
-        mask = torch.zeros(site.width, dtype=torch.bool)
-        fill = torch.zeros(site.width, dtype=dtype)
-        idx = torch.as_tensor(sp.replaced, dtype=torch.long)
+        mask = torch.zeros(site.channels, dtype=torch.bool)
+        fill = torch.zeros(site.channels, dtype=dtype)
+        idx = unit_rows(sp.replaced, site.group)
         mask[idx] = True
         fill[idx] = torch.tensor(sp.replacement.values, dtype=torch.float64).to(dtype)
         shape = _unit_shape(site, ranks[sp.name])
@@ -296,7 +312,8 @@ def fold_error(original: Any, reduced: Any, plan: Plan, inputs: Sequence[torch.T
 
 @dataclass(frozen=True)
 class CompileReport:
-    """What compile did: sizes before/after, per-site widths, and the measured fold error."""
+    """What compile did: sizes before/after, per-site widths, the measured fold error, and the
+    ONNX export with its onnxruntime parity when one was asked for."""
 
     output: str
     plan: Plan
@@ -305,6 +322,7 @@ class CompileReport:
     sites: tuple[dict[str, Any], ...]
     fold_error: FoldError | None = None
     notes: tuple[str, ...] = field(default=())
+    onnx: OnnxReport | None = None
 
     def to_json(self) -> dict[str, Any]:
         fe = self.fold_error
@@ -320,7 +338,35 @@ class CompileReport:
             "fold_check_samples": None if fe is None else fe.samples,
             "sites": list(self.sites),
             "notes": list(self.notes),
+            "onnx": None if self.onnx is None else self.onnx.to_json(),
+            "onnx_max_abs_diff": None if self.onnx is None else self.onnx.max_abs_diff,
         }
+
+
+def output_kind(path: str | Path) -> str:
+    """``onnx`` (a ``.onnx`` file), ``dir`` (a trailing ``/`` or an existing directory: a Hugging
+    Face directory), or ``file`` (the backend's own checkpoint format)."""
+    p = str(path)
+    if Path(p).suffix.lower() == ".onnx":
+        return "onnx"
+    if p.endswith(("/", os.sep)) or Path(p).is_dir():
+        return "dir"
+    return "file"
+
+
+@contextlib.contextmanager
+def _staging(out: Path, kind: str) -> Iterator[Path]:
+    """Where the reduced checkpoint is written before it is moved into place (or, for an ONNX
+    output, a scratch file that is discarded)."""
+    if kind == "dir":
+        with atomic_dir(out) as tmp:
+            yield tmp
+    elif kind == "onnx":
+        with tempfile.TemporaryDirectory() as d:
+            yield Path(d) / "reduced"
+    else:
+        with atomic_write(out) as tmp:
+            yield tmp
 
 
 def compile_model(
@@ -328,40 +374,48 @@ def compile_model(
     plan: Plan,
     output: str | Path,
     check_inputs: Sequence[torch.Tensor] | None = None,
+    onnx: str | Path | None = None,
 ) -> CompileReport:
-    """Fold ``plan`` into ``model`` and write the reduced checkpoint to ``output`` atomically.
+    """Fold ``plan`` into ``model`` and write the reduced model to ``output`` atomically.
 
-    The output must already have been validated (:func:`cmrtool.io.check_output_path`). With
-    ``check_inputs`` the written file is reloaded and its fold error measured before it is moved
-    into place; sites marked ``exact`` must match the clamped original to float rounding.
+    ``output`` is the backend's checkpoint (``.pt`` for TorchScript, ``.safetensors`` with the
+    plan in its metadata for nn.Modules), a Hugging Face directory (a path ending in ``/``; Hugging
+    Face inputs with uniform widths), or a ``.onnx`` file. It must already have been validated
+    (:func:`cmrtool.io.check_output_path`). With ``check_inputs`` the written model is reloaded
+    and its fold error measured before it is moved into place; sites marked ``exact`` must match
+    the clamped original to float rounding. ``onnx`` also exports the reduced model to that file
+    (ONNX needs ``check_inputs``, for the export and the onnxruntime parity check).
 
     Returns:
         a :class:`CompileReport`.
     """
+    from cmrtool.export import export_onnx
+
     tensors = model.tensors()
     result = fold(tensors, model.sites, plan)
+    out = Path(output)
+    kind = output_kind(output)
+    onnx_path = out if kind == "onnx" else (Path(onnx) if onnx is not None else None)
+    if onnx_path is not None and check_inputs is None:
+        raise UsageError("ONNX export needs example inputs", "pass --calib: its first samples are exported and checked with onnxruntime")
     fe: FoldError | None = None
     notes: list[str] = []
-    out = Path(output)
+    onnx_report = None
+    reduced = None
     distributed.sync()  # under torchrun: every rank is ready and none failed before rank 0 writes
-    with atomic_write(out) if distributed.is_writer() else contextlib.nullcontext() as tmp:
-        if tmp is None:  # another torchrun rank: same plan, rank 0 writes and checks it
-            check_inputs = None
-        else:
-            model.write(tmp, result.tensors, plan)
-        reduced = type(model)(str(tmp)) if check_inputs is not None else None
-        if reduced is not None and check_inputs is not None:
-            fe = fold_error(model, reduced, plan, check_inputs)
-            exact = all(model.site(s.name).fold == "exact" for s in plan.sites if s.replaced)
-            tol = _ROUNDING.get(model.dtype, 1e-5)
-            if exact and not fe.relative <= tol:  # NaN fails too
-                raise CmrError(
-                    f"the compiled model differs from the clamped original by {fe.max_abs:.3g} (relative {fe.relative:.3g})",
-                    "this model's graph is not supported for exact folding; set CMRTOOL_DEBUG=1 and report it",
-                )
-            if not exact:
-                notes.append("interior-exact sites: the fold error includes the zero-padding border effect")
-    params_after = sum(t.numel() for name, t in result.tensors.items() if model.is_parameter(name) or name in result.added)
+    if distributed.is_writer():  # other ranks hold the same plan; rank 0 writes and checks it
+        with _staging(out, kind) as stage:
+            (model.write_dir if kind == "dir" else model.write)(stage, result.tensors, plan)
+            reduced = model.reopen(stage) if check_inputs is not None else None
+            if reduced is not None and check_inputs is not None:
+                fe = _checked_fold_error(model, reduced, plan, check_inputs, notes)
+                if onnx_path is not None:
+                    onnx_report = export_onnx(reduced, onnx_path, check_inputs)
+                    notes.extend(onnx_report.notes)
+    if reduced is not None:
+        params_after = reduced.num_params()
+    else:
+        params_after = sum(t.numel() for name, t in result.tensors.items() if model.is_parameter(name) or name in result.added)
     site_rows = []
     for sp in plan.sites:
         site = model.site(sp.name)
@@ -383,4 +437,28 @@ def compile_model(
         sites=tuple(site_rows),
         fold_error=fe,
         notes=tuple(notes),
+        onnx=onnx_report,
     )
+
+
+def _checked_fold_error(model: Any, reduced: Any, plan: Plan, inputs: Sequence[torch.Tensor], notes: list[str]) -> FoldError:
+    """The fold error of the written model; an ``exact`` plan must meet float rounding."""
+    try:
+        fe = fold_error(model, reduced, plan, inputs)
+    except CmrError:
+        raise
+    except Exception as e:  # the reduced module's own forward failed
+        raise UnsupportedModelError(
+            f"the reduced model does not run: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+            "its forward may hard-code a layer width or head count; choose other sites with --site or --kind",
+        ) from e
+    exact = all(model.site(s.name).fold == "exact" for s in plan.sites if s.replaced)
+    tol = _ROUNDING.get(model.dtype, 1e-5)
+    if exact and not fe.relative <= tol:  # NaN fails too
+        raise CmrError(
+            f"the compiled model differs from the clamped original by {fe.max_abs:.3g} (relative {fe.relative:.3g})",
+            "this model's graph is not supported for exact folding; set CMRTOOL_DEBUG=1 and report it",
+        )
+    if not exact:
+        notes.append("interior-exact sites: the fold error includes the zero-padding border effect")
+    return fe

@@ -13,6 +13,10 @@ For each site with kept units K and replaced units S with constants c_S (DESIGN 
 - an **affine** replacement ``a_j = β0 + β·a_P`` (P kept) also moves unit j's columns onto its
   parents' columns, ``W'[:, P] += W[:, j] β_Pᵀ``, and folds β0 like a constant;
 - every **producer** keeps only the rows/out-channels/BatchNorm entries of K.
+- **grouped units** (attention heads, DESIGN §3.4): unit j owns ``group`` consecutive producer
+  rows and consumer columns, and its replacement is a vector c_j of ``group`` values (the
+  head's position-constant mean output), so ``d = Σ_{j∈S} W[:, block_j] c_j`` (CMR paper A.6,
+  Proposition 10).
 
 All folds are computed in the original index space first (so a bias that is both a fold target
 and another site's producer is updated before it is sliced), in float64, then cast back to each
@@ -31,7 +35,7 @@ from cmrtool.errors import InputError, UnsupportedModelError
 from cmrtool.plan import Plan
 from cmrtool.sites import Consumer, Site
 
-__all__ = ["fold", "FoldResult", "unit_columns"]
+__all__ = ["fold", "FoldResult", "unit_columns", "unit_rows"]
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,21 @@ def unit_columns(consumer: Consumer, width: int, units: Sequence[int]) -> torch.
     return (u[:, None] * consumer.block + b[None, :]).reshape(-1)  # cols j*block + b
 
 
-def _contribution(weight: torch.Tensor, consumer: Consumer, width: int, replaced: Sequence[int], values: torch.Tensor) -> torch.Tensor:
+def unit_rows(units: Sequence[int], group: int = 1) -> torch.Tensor:
+    """Entries owned by ``units`` along an axis with ``group`` consecutive entries per unit."""
+    u = torch.as_tensor(list(units), dtype=torch.long)
+    if group == 1:
+        return u
+    return (u[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
+
+
+def _contribution(
+    weight: torch.Tensor, consumer: Consumer, width: int, replaced: Sequence[int], values: torch.Tensor, group: int = 1
+) -> torch.Tensor:
     """``d = Σ_{j∈S} c_j · (everything unit j feeds into each output)`` in float64, shape (out,)."""
     w = weight.to(torch.float64)
+    if group != 1:  # one value per column of the unit's block (checked by fold)
+        return w[:, unit_columns(consumer, width, replaced)] @ values
     if consumer.op == "conv":
         per_unit = w[:, list(replaced)].reshape(w.shape[0], len(replaced), -1).sum(-1)  # (out, |S|)
         return per_unit @ values
@@ -123,12 +139,13 @@ def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan)
             )
         if not site.foldable:
             raise UnsupportedModelError(f"site {sp.name} cannot be folded: {site.reason}", "choose other sites with --site")
+        _check_group(site, sp.group)
         if not sp.replaced:
             continue
         values = torch.tensor(sp.replacement.values, dtype=torch.float64)
         for c in site.consumers:
             w = tensors[c.weight]
-            d = _contribution(w, c, site.width, sp.replaced, values)
+            d = _contribution(w, c, site.width, sp.replaced, values, site.group)
             if sp.replacement.kind == "affine":
                 out[c.weight] = _fold_affine_columns(out[c.weight], w, c, site.width, sp.replaced, sp.replacement)
             target = c.fold_target
@@ -147,9 +164,8 @@ def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan)
                 out[target] = (cur.to(torch.float64) - d).to(cur.dtype)
             changed.add(target)
             add_slice(c.weight, 1, unit_columns(c, site.width, sp.kept))
-        kept = torch.as_tensor(sp.kept, dtype=torch.long)
         for p in site.producers:
-            add_slice(p.name, p.axis, kept)
+            add_slice(p.name, p.axis, unit_rows(sp.kept, p.group))
 
     for name, ops in slices.items():
         t = out.get(name)
@@ -160,3 +176,14 @@ def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan)
         out[name] = t.contiguous()
         changed.add(name)
     return FoldResult(out, tuple(added), tuple(sorted(changed)))
+
+
+def _check_group(site: Site, group: int) -> None:
+    """A grouped site's plan and consumers agree on its group size (one value per column)."""
+    if group != site.group:
+        raise InputError(
+            f"site {site.name} has {site.group} values per unit but the plan says {group}",
+            "the plan was made for a different model; run compile on the matching model",
+        )
+    if site.group != 1 and any(c.op != "linear" or c.block != site.group or c.layout != "block" for c in site.consumers):
+        raise UnsupportedModelError(f"site {site.name}: grouped units need Linear consumers with one column per value", "choose other sites with --site")

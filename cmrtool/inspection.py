@@ -70,7 +70,7 @@ def inspect_model(model: Any, inputs: Sequence[torch.Tensor] | None = None) -> I
         >>> report = inspect_model(load_model("samples/digits_mlp.pt"), [torch.zeros(1, 1, 8, 8)])
         >>> report.macs
     """
-    notes: list[str] = []
+    notes: list[str] = list(getattr(model, "notes", []))
     shapes: tuple[tuple[int, ...], ...] | None = None
     if inputs is None and model.plan is not None:
         recorded = dict(model.plan.settings).get("input_shapes")

@@ -30,6 +30,7 @@ __all__ = [
     "check_output_path",
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_dir",
 ]
 
 STDIO = "-"
@@ -93,23 +94,27 @@ def _can_create_in(directory: Path) -> bool:
         return False
 
 
-def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: bool = False) -> Path:
+def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: bool = False, directory: bool = False) -> Path:
     """Validate an output path before any work is done.
 
     Refuses an output equal to an input (always), an existing file (unless ``force``), and a
-    directory that does not exist or cannot be written.
+    directory that does not exist or cannot be written. With ``directory`` the output is a
+    directory to create, which must not contain an input (an existing one is replaced only with
+    ``force``).
     """
     out = Path(output)
     for inp in inputs:
         if str(inp) == STDIO:
             continue
         ip = Path(inp)
-        if out.resolve() == ip.resolve() or _same_file(out, ip):
+        if out.resolve() == ip.resolve() or _same_file(out, ip) or (directory and ip.resolve().is_relative_to(out.resolve())):
             raise UsageError(
-                f"output {out} is one of the inputs",
+                f"output {out} is {'or contains ' if directory else ''}one of the inputs",
                 "write the result to a new file; cmrtool never overwrites its inputs",
             )
-    if out.is_dir():
+    if directory and out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a directory", "choose another name, or drop the trailing '/' to write a file")
+    if not directory and out.is_dir():
         raise UsageError(f"output {out} is a directory", "give a file name, e.g. reduced.pt")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
@@ -157,6 +162,34 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``path``; move it to ``path`` on success.
+
+    An existing ``path`` (allowed by ``--force``) is replaced only once the new one is complete.
+    On any exception the temporary directory is removed and ``path`` is left as it was.
+    """
+    import shutil
+
+    dest = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    old: Path | None = None
+    try:
+        yield tmp
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not dest.exists():
+            os.replace(old / dest.name, dest)  # put the replaced directory back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ round-tripping form) and keys in a fixed order.
 
 Replacements (DESIGN §3.2–3.4):
 - ``constant``: ``values[i]`` replaces unit ``replaced[i]``; folds as ``b' = b + W[:, S] c_S``
-  (Proposition 1).
+  (Proposition 1). For grouped units (attention heads, ``SitePlan.group`` > 1) each replaced
+  unit takes ``group`` consecutive values: the head's mean output vector (appendix A.6).
 - ``affine``: unit ``replaced[i]`` becomes ``values[i] + coefficients[i]·a[parents[i]]``; folds
   as ``W'[:, P] += W[:, j] βᵀ``, ``b' += W[:, j] β0`` (Theorem 1, affine case).
 """
@@ -70,7 +71,11 @@ class Replacement:
 
 @dataclass(frozen=True)
 class SitePlan:
-    """The decision for one site. ``kept`` and ``replaced`` are sorted and partition range(width)."""
+    """The decision for one site. ``kept`` and ``replaced`` are sorted and partition range(width).
+
+    ``group`` is the number of values per replaced unit (``head_dim`` for attention heads, whose
+    replacement is a vector): ``replacement.values`` is then unit-major, ``group`` per unit.
+    """
 
     name: str
     kind: str
@@ -78,6 +83,7 @@ class SitePlan:
     kept: tuple[int, ...]
     replaced: tuple[int, ...]
     replacement: Replacement
+    group: int = 1
 
     def __post_init__(self) -> None:
         # Lengths first: a corrupt width must not make us build a huge range.
@@ -86,9 +92,10 @@ class SitePlan:
                 f"plan for site {self.name} does not partition its {self.width} units into kept and replaced",
                 "regenerate the plan with cmrtool compile",
             )
-        if len(self.replacement.values) != len(self.replaced):
+        if len(self.replacement.values) != len(self.replaced) * self.group:
             raise InputError(
-                f"plan for site {self.name} has {len(self.replacement.values)} replacement values for {len(self.replaced)} replaced units",
+                f"plan for site {self.name} has {len(self.replacement.values)} replacement values for {len(self.replaced)} replaced units"
+                + (f" of {self.group} values each" if self.group != 1 else ""),
                 "regenerate the plan with cmrtool compile",
             )
         kept = set(self.kept)
@@ -103,6 +110,7 @@ class SitePlan:
             "kept": list(self.kept),
             "replaced": list(self.replaced),
             "replacement": self.replacement.to_json(),
+            **({"group": self.group} if self.group != 1 else {}),
         }
 
     @classmethod
@@ -114,6 +122,7 @@ class SitePlan:
             kept=tuple(int(i) for i in d["kept"]),
             replaced=tuple(int(i) for i in d["replaced"]),
             replacement=Replacement.from_json(d["replacement"]),
+            group=int(d.get("group", 1)),
         )
 
 

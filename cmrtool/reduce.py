@@ -160,6 +160,12 @@ def plan_reduction(
     **options: Any,
 ) -> Plan:
     """The plan that ``compile`` folds (see the module docstring for ``schedule``)."""
+    grouped = [s.name for s in sites if s.group != 1]
+    if grouped and (schedule > 1 or options.get("joint_refit")):
+        raise UsageError(
+            f"site {grouped[0]} is grouped (attention heads): --schedule and --joint-refit apply to neuron and channel sites",
+            "reduce heads in one step with per-unit constants, or choose other sites with --kind",
+        )
     if schedule <= 1:
         return _one_step(model, data, sites, report, keep, keep_count, round_to, progress, **options)
     if options.get("allocation") == "global":

@@ -28,7 +28,8 @@ def inspect_table(report: Any, console: Console) -> None:
         for s in report.sites:
             fold = s.fold if not s.reason else f"{s.fold} ({s.reason})"
             cons = ", ".join(f"{c.module} [{c.fold_mode}]" for c in s.consumers)
-            t.add_row(escape(s.name), s.kind, str(s.width), s.activation, escape(fold), escape(cons))
+            width = str(s.width) if s.group == 1 else f"{s.width}×{s.group}"  # heads: units × channels
+            t.add_row(escape(s.name), s.kind, width, s.activation, escape(fold), escape(cons))
         console.print(t)
     for r in report.rejected:
         console.print(f"not a site: {r.name}: {r.reason}", markup=False)
@@ -74,7 +75,10 @@ def compile_table(report: Any, console: Console) -> None:
         console.print(f"fold error: max |Δlogit| {fmt_float(fe)} (relative {fmt_float(doc['fold_error_relative'])}) on {doc['fold_check_samples']} samples")
     for n in doc["notes"]:
         console.print(f"note: {n}", markup=False)
-    console.print(f"wrote [bold]{doc['output']}[/]")
+    console.print(f"wrote [bold]{escape(doc['output'])}[/]")
+    if doc.get("onnx"):
+        o = doc["onnx"]
+        console.print(f"wrote [bold]{escape(o['path'])}[/] ({o['exporter']} exporter); ONNX parity: max |onnxruntime − torch| = {fmt_float(o['max_abs_diff'])} on {o['samples']} samples")
 
 
 def verify_table(report: Any, console: Console) -> None:

@@ -1,4 +1,4 @@
-"""What the benchmark times: TorchScript modules under torch, ``.onnx`` files under onnxruntime.
+"""What the benchmark times: checkpoints under torch, ``.onnx`` files under onnxruntime.
 
 Every model becomes a no-argument *runner*: one forward pass on the benchmark batch, already
 converted to the device and precision (:mod:`cmrtool.precision`), with a trial call made up front
@@ -32,26 +32,34 @@ class BenchModel:
     sha256: str
     file_bytes: int
     params: int
-    model: Any = None  # TorchScriptModel
+    model: Any = None  # a backend model (TorchScriptModel or ModuleModel)
     session: Any = None  # onnxruntime.InferenceSession
 
     @property
     def format(self) -> str:
-        return "onnx" if self.session is not None else "torchscript"
+        if self.session is not None:
+            return "onnx"
+        return str(getattr(self.model, "format", "torchscript"))
 
 
-def load_bench_model(path: str, threads: int, target: Target, note: Callable[[str], None]) -> BenchModel:
-    """Open a TorchScript checkpoint with its backend, or an ``.onnx`` file with onnxruntime.
+def load_bench_model(path: str, threads: int, target: Target, note: Callable[[str], None], arch: str | None = None) -> BenchModel:
+    """Open a checkpoint with its backend, or an ``.onnx`` file with onnxruntime.
 
-    ONNX parameters are the elements of the graph's initializers; its MACs are not counted.
+    ``arch`` applies to ``.safetensors`` files only (a reduced one names its own). ONNX
+    parameters are the elements of the graph's initializers; its MACs are not counted.
     """
     from cmrtool.io import read_bytes, require_file, sha256_file
 
     if Path(path).suffix.lower() != ".onnx":
         from cmrtool.backends import load_model
 
-        model = load_model(path)
-        size = len(read_bytes(path)) if path == "-" else Path(path).stat().st_size
+        model = load_model(path, arch if Path(path).suffix.lower() == ".safetensors" else None)
+        if path == "-":
+            size = len(read_bytes(path))
+        elif Path(path).is_dir():
+            size = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+        else:
+            size = Path(path).stat().st_size
         return BenchModel(path, model.sha256, size, model.num_params(), model=model)
     require_file(path, "model file")
     try:

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from cmrtool import __version__, distributed
-from cmrtool.criteria import Evidence, consumer_sq_norms, get_criterion
+from cmrtool.criteria import REGISTRY, Evidence, consumer_sq_norms, get_criterion
 from cmrtool.data import Batch, Dataset
 from cmrtool.errors import InputError, UsageError
+from cmrtool.groups import GroupMoments, new_moments, score_grouped
 from cmrtool.sites import Site
 from cmrtool.stats import Moments
 
@@ -55,12 +56,14 @@ class SiteScores:
     replacement_kind: str = "constant"
     site_score: float | None = None
     optimal: tuple[float, ...] | None = None  # c* of eq. (7), when curvature was gathered
+    group: int = 1  # values per unit in ``replacement`` and ``mean`` (head_dim for heads)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "width": self.width,
+            **({"group": self.group} if self.group != 1 else {}),
             "fold": self.fold,
             "samples": self.samples,
             "scores": list(self.scores),
@@ -77,10 +80,11 @@ class SiteScores:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SiteScores:
         width = int(d["width"])
+        group = int(d.get("group", 1))
         scores = tuple(float(x) for x in d["scores"])
         replacement = tuple(float(x) for x in d["replacement"])
         mean = tuple(float(x) for x in d.get("mean", replacement))
-        if not (len(scores) == len(replacement) == len(mean) == width):
+        if not (len(scores) == width and len(replacement) == len(mean) == width * group):
             raise InputError(f"scores for site {d['name']} do not have {width} entries", "regenerate them with cmrtool score --json")
         if not all(math.isfinite(v) for v in scores + replacement + mean):
             raise InputError(f"scores for site {d['name']} contain NaN or infinite values", "regenerate them with cmrtool score --json")
@@ -89,6 +93,7 @@ class SiteScores:
             str(d.get("fold", "exact")), str(d.get("replacement_kind", "constant")),
             None if d.get("site_score") is None else float(d["site_score"]),
             None if d.get("optimal") is None else tuple(float(x) for x in d["optimal"]),
+            group,
         )
 
 
@@ -181,6 +186,34 @@ def select_sites(
     return chosen
 
 
+def _check_value(name: str, v: torch.Tensor, width: int, axis: int) -> None:
+    if v.dim() == 0 or v.shape[axis] != width:
+        raise InputError(
+            f"site {name} produced a value of shape {tuple(v.shape)}, expected {width} units on axis {axis}",
+            "the model's graph does not match its weights; re-export it",
+        )
+
+
+def _collect_grouped(
+    model: Any, data: Dataset, sites: Sequence[Site], batch_size: int, progress: ProgressFn | None, limit: int | None
+) -> dict[str, Moments | GroupMoments]:
+    """Moments with per-group covariances (attention heads), in one process."""
+    if distributed.enabled():
+        raise UsageError("attention heads are scored in one process, not under torchrun", "run this command without torchrun")
+    moments = {s.name: new_moments(s) for s in sites}
+    names = [s.name for s in sites]
+    with torch.no_grad():
+        for batch in data.batches(batch_size, limit, labels=False):
+            _, values = model.run(batch.inputs, capture=names)
+            for s in sites:
+                v = values[s.name]
+                _check_value(s.name, v, s.channels, s.unit_axis)
+                moments[s.name].update_value(v, s.unit_axis)  # type: ignore[union-attr]
+            if progress is not None:
+                progress(len(batch))
+    return moments  # type: ignore[return-value]
+
+
 def collect_moments(
     model: Any,
     data: Dataset,
@@ -188,17 +221,20 @@ def collect_moments(
     batch_size: int = 256,
     progress: ProgressFn | None = None,
     limit: int | None = None,
-) -> dict[str, Moments]:
+) -> dict[str, Moments | GroupMoments]:
     """Stream ``data`` through ``model`` once and return float64 moments per site.
 
     Under torchrun (``WORLD_SIZE`` > 1) each rank computes a share of the batches and all ranks
     receive every batch's partial moments in the single-process order, so the result is the
     single-process one bit for bit (:mod:`cmrtool.distributed`); ``progress`` then counts the
-    samples of all ranks.
+    samples of all ranks. Grouped sites (attention heads) keep per-group covariances and are
+    gathered in one process.
     """
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}", "omit --limit to use every sample")
     data.chunk_batches(batch_size)  # validates batch_size before any work
+    if any(s.group != 1 for s in sites):
+        return _collect_grouped(model, data, sites, batch_size, progress, limit)
     moments = {s.name: Moments(s.width) for s in sites}
     names = [s.name for s in sites]
     axes = {s.name: s.unit_axis for s in sites}
@@ -210,11 +246,7 @@ def collect_moments(
         _, values = model.run(batch.inputs, capture=names)
         out = {}
         for name, v in values.items():
-            if v.dim() == 0 or v.shape[axes[name]] != moments[name].width:
-                raise InputError(
-                    f"site {name} produced a value of shape {tuple(v.shape)}, expected {moments[name].width} units on axis {axes[name]}",
-                    "the model's graph does not match its weights; re-export it",
-                )
+            _check_value(name, v, moments[name].width, axes[name])
             out[name] = moments[name].partial(v, axes[name])
         return out
 
@@ -278,18 +310,28 @@ def score_model(
     crit = get_criterion(criterion)
     sites = list(sites) if sites is not None else select_sites(model.sites)
     needs = crit.needs | extra_needs
+    grouped = [s.name for s in sites if s.group != 1]
+    if grouped and not needs <= {"moments"}:
+        moment_criteria = sorted(n for n, c in REGISTRY.items() if c.needs <= {"moments"})
+        raise UsageError(
+            f"site {grouped[0]} is grouped (attention heads): {criterion} needs {', '.join(sorted(needs - {'moments'}))}",
+            f"score heads with {', '.join(moment_criteria)}, or choose neuron/channel sites with --kind",
+        )
     evidence = collect_evidence(model, data, sites, needs, batch_size, progress, limit, curvature, seed, loss=loss)
     tensors = model.tensors()
     out: list[SiteScores] = []
     for site in sites:
         e = evidence[site.name]
-        ev = Evidence(
-            site=site, moments=e.moments, col_sq_norms=consumer_sq_norms(site, tensors), seed=seed,
-            comoments=e.comoments, curvature=e.curvature, gndi_unit=e.gndi_unit, gndi_site=e.gndi_site,
-            gndi_count=e.gndi_count, ridge=ridge, parents=parents,
-        )
-        res = crit.fn(ev)
-        if res.scores.shape != (site.width,) or res.replacement.shape != (site.width,):
+        if site.group == 1:
+            ev = Evidence(
+                site=site, moments=e.moments, col_sq_norms=consumer_sq_norms(site, tensors), seed=seed,
+                comoments=e.comoments, curvature=e.curvature, gndi_unit=e.gndi_unit, gndi_site=e.gndi_site,
+                gndi_count=e.gndi_count, ridge=ridge, parents=parents,
+            )
+            res = crit.fn(ev)
+        else:  # attention heads: a unit is a group of channels (cmrtool.groups)
+            res = score_grouped(crit, site, e.moments, tensors, seed)
+        if res.scores.shape != (site.width,) or res.replacement.shape != (site.channels,):
             raise RuntimeError(f"criterion {criterion} returned wrong shapes for site {site.name}")
         optimal = e.curvature.optimal()[0] if e.curvature is not None and "curv" in needs else None
         out.append(
@@ -305,6 +347,7 @@ def score_model(
                 replacement_kind=res.kind,
                 site_score=res.site_score,
                 optimal=None if optimal is None else tuple(optimal.tolist()),
+                group=site.group,
             )
         )
     n = data.n if limit is None else min(data.n, limit)

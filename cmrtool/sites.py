@@ -29,15 +29,21 @@ class TensorSlice:
     """A parameter or buffer whose entries along ``axis`` belong one-to-one to the site's units.
 
     ``optional`` marks a tensor that may be absent (a producer bias that is None); it is sliced
-    only if it exists after folding (another site's fold may have added it).
+    only if it exists after folding (another site's fold may have added it). ``group`` is the
+    number of consecutive entries per unit (unit j owns ``j*group .. j*group+group-1``), e.g. the
+    ``head_dim`` rows of a q/k/v projection that belong to one attention head.
     """
 
     name: str
     axis: int
     optional: bool = False
+    group: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "axis": self.axis, **({"optional": True} if self.optional else {})}
+        d: dict[str, Any] = {"name": self.name, "axis": self.axis, **({"optional": True} if self.optional else {})}
+        if self.group != 1:
+            d["group"] = self.group
+        return d
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,9 @@ class Site:
         activation: the elementwise op(s) between producer and site value, e.g. ``relu``.
         value: the backend's handle for the site's activation (a graph value name).
         feeds_logits: the consumers' outputs are the model's logits (no op in between).
+        group: channels of the site value per unit (``head_dim`` for a head; 1 otherwise). A
+            grouped unit's replacement is a vector of ``group`` values, and its channels are
+            ``j*group .. j*group+group-1`` of the value's last axis.
     """
 
     name: str
@@ -112,6 +121,12 @@ class Site:
     value: str = ""
     feeds_logits: bool = False
     notes: tuple[str, ...] = field(default=())
+    group: int = 1
+
+    @property
+    def channels(self) -> int:
+        """Entries of the site value along its unit axis: ``width * group``."""
+        return self.width * self.group
 
     @property
     def unit_axis(self) -> int:
@@ -134,6 +149,8 @@ class Site:
         }
         if self.reason:
             d["reason"] = self.reason
+        if self.group != 1:
+            d["group"] = self.group
         return d
 
 

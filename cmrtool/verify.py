@@ -20,7 +20,8 @@ Given the original O, the reduced R (whose plan travels inside it) and held-out 
    intervened run computes elsewhere).
 
 Site activations of every base and source are computed once; each swap then re-runs only the
-network after the site (:class:`cmrtool.backends.torchscript.Downstream`), in batches.
+network after the site (:class:`cmrtool.backends.torchscript.Downstream`; an nn.Module re-runs
+the whole forward with hooks, :class:`cmrtool.backends.module.HookDownstream`), in batches.
 """
 
 from __future__ import annotations
@@ -196,8 +197,11 @@ def _margin(z: torch.Tensor) -> torch.Tensor:
     return top[:, 0] - top[:, 1]
 
 
-def _unit_mask(kind: str, mask: torch.Tensor, rank: int) -> torch.Tensor:
-    """A per-swap unit mask ``(b, width)`` shaped to broadcast over a site value of ``rank``."""
+def _unit_mask(kind: str, mask: torch.Tensor, rank: int, group: int = 1) -> torch.Tensor:
+    """A per-swap unit mask ``(b, width)`` shaped to broadcast over a site value of ``rank``
+    (each unit of a grouped site, e.g. a head, covers ``group`` channels)."""
+    if group != 1:
+        mask = mask.repeat_interleave(group, dim=1)
     b, w = mask.shape
     if kind == "channel":
         return mask.reshape(b, w, *([1] * (rank - 2)))
@@ -290,7 +294,7 @@ def interchange(
                 full = torch.zeros(keep.shape[0], site.width, dtype=torch.bool)
                 full[:, list(plan.site(name).kept)] = keep
                 keep = full
-            m = _unit_mask(site.kind, keep, src.dim())
+            m = _unit_mask(site.kind, keep, src.dim(), site.group)
             if first_value is None:
                 first_value = torch.where(m, src, cache.values[name].index_select(0, base))
             else:
@@ -400,6 +404,7 @@ def verify(
 
     from cmrtool.compile import clamp_edits, site_ranks
     from cmrtool.errors import UsageError
+    from cmrtool.export import onnx_parity
 
     plan = _check_pair(original, reduced)
     planned = [s.name for s in plan.sites]
@@ -476,7 +481,7 @@ def verify(
                 results.append(r)
 
     # 4. ONNX parity.
-    onnx_diff = _onnx_parity(onnx, reduced, inputs) if onnx else None
+    onnx_diff = onnx_parity(onnx, reduced, inputs) if onnx else None
 
     failures: list[str] = []
     checked = results + ([all_result] if all_result is not None else [])
@@ -510,29 +515,3 @@ def verify(
         inputs={"original": original.sha256, "reduced": reduced.sha256},
         notes=tuple(notes),
     )
-
-
-def _onnx_parity(path: str, reduced: Any, batches: Sequence[Sequence[torch.Tensor]]) -> float:
-    """max |onnxruntime(x) − R(x)| over the held-out data."""
-    from cmrtool.io import require_file
-
-    require_file(path, "ONNX file")
-    try:
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for bad files
-        raise InputError(f"{path} is not a loadable ONNX model: {str(e).splitlines()[0][:160]}", "export it again (cmrtool compile --onnx)") from e
-    names = [i.name for i in sess.get_inputs()]
-    worst = 0.0
-    with torch.no_grad():
-        for x in batches:
-            if len(names) != len(x):
-                raise InputError(f"{path} takes {len(names)} inputs, the model takes {len(x)}", "export the ONNX file from the reduced model")
-            try:
-                out = sess.run(None, {nm: t.numpy() for nm, t in zip(names, x)})[0]
-            except Exception as e:
-                raise InputError(f"onnxruntime could not run {path}: {str(e).splitlines()[0][:160]}", "export the ONNX file from the reduced model with a dynamic batch axis") from e
-            ref = reduced.forward(list(x)).to(torch.float64)
-            worst = max(worst, float((torch.from_numpy(out).to(torch.float64) - ref).abs().max()))
-    return worst

@@ -181,6 +181,18 @@ class WithLSTM(nn.Module):
         return self.head(out[:, -1])
 
 
+def small_transformer() -> nn.Module:
+    """The digits transformer at width 16 with 4 heads of 4 channels (``--arch helpers:small_transformer``)."""
+    from cmrtool.testing.models import DigitsTransformer
+
+    return DigitsTransformer(dim=16, heads=4, ffn=12, depth=2)
+
+
+def not_a_module() -> int:
+    """A factory that returns the wrong thing (for the --arch error test)."""
+    return 42
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics and affine parameters."""
     g = torch.Generator().manual_seed(seed)

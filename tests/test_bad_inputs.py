@@ -86,7 +86,7 @@ def _cases(tmp, work):
         "onnx as data": (["score", MLP, "--calib", garbage_onnx], 1, "unknown data format '.onnx'"),
         "empty model file": (["inspect", empty], 1, "not a readable TorchScript archive"),
         "model with unknown suffix": (["inspect", txt_model], 1, "unknown model format '.txt'"),
-        "directory as model": (["inspect", model_dir], 1, "not supported by this version"),
+        "directory as model": (["inspect", model_dir], 1, "a directory without config.json"),
         "directory as data": (["score", MLP, "--calib", model_dir], 1, "is a directory"),
         "truncated safetensors": (["score", MLP, "--calib", trunc_st], 1, "does not fit its shape"),
         "corrupt safetensors header": (["score", MLP, "--calib", bad_header], 1, "header"),

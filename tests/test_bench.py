@@ -222,14 +222,14 @@ def _bad(tmp, reduced):
         "no input": (["bench", MLP], 2, "needs an input"),
         "bad shape": (["bench", MLP, "--input-shape", "1,a"], 2, "invalid --input-shape"),
         "too few samples": (["bench", MLP, reduced, "--data", CALIB, "--batch", "100000"], 1, "samples, --batch 100000 needs"),
-        "safetensors model": (["bench", SAMPLES / "digits_mlp.safetensors", "--input-shape", "1,1,8,8"], 1, "not supported"),
+        "safetensors without --arch": (["bench", SAMPLES / "digits_mlp.safetensors", "--input-shape", "1,1,8,8"], 2, "holds weights only"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing model", "pickle model", "other signature", "shape does not fit", "batch zero", "repeats zero",
-     "unknown dtype", "unknown device", "no input", "bad shape", "too few samples", "safetensors model"],
+     "unknown dtype", "unknown device", "no input", "bad shape", "too few samples", "safetensors without --arch"],
 )
 def test_bad_input_gets_error_and_hint(case, cli, tmp_path, reduced, no_cuda):
     args, code, text = _bad(tmp_path, reduced)[case]

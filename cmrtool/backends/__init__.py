@@ -1,5 +1,9 @@
 """Backends: one per checkpoint format, each implementing the four verbs of DESIGN §2.
 
+- :mod:`cmrtool.backends.torchscript`: ``torch.jit.save`` files, no Python class needed;
+- :mod:`cmrtool.backends.module`: nn.Modules from safetensors + ``--arch`` or a Hugging Face
+  directory (:mod:`cmrtool.backends.checkpoint`, :mod:`cmrtool.backends.hf`).
+
 Every backend's model object offers: ``sites`` / ``rejected`` / ``unsupported`` (discovery),
 ``run(inputs, capture=..., edits=...)`` (capture and override), ``tensors()`` and
 ``write(path, tensors, plan)`` (writing the reduced checkpoint), plus ``arg_names``, ``dtype``,
@@ -11,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cmrtool.errors import InputError
+from cmrtool.errors import InputError, UsageError
 from cmrtool.io import STDIO
 
 __all__ = ["load_model"]
@@ -23,23 +27,36 @@ def load_model(path: str | Path, arch: str | None = None) -> Any:
     """Open a checkpoint with the backend its format needs.
 
     Args:
-        path: a TorchScript file (``torch.jit.save``), or ``-`` for one on stdin.
-        arch: reserved for safetensors checkpoints (``pkg.module:factory``).
+        path: a TorchScript file (``torch.jit.save``; ``-`` reads one from stdin), a
+            ``.safetensors`` state dict (with ``arch``) or a reduced one written by cmrtool, or a
+            Hugging Face directory (``config.json`` + ``model.safetensors``).
+        arch: ``pkg.module:factory``, a callable returning the nn.Module the weights belong to.
 
     Example:
         >>> model = load_model("samples/digits_mlp.pt")
+        >>> model = load_model("samples/digits_mlp.safetensors", "cmrtool.testing.models:digits_mlp")
     """
     p = str(path)
     suffix = Path(p).suffix.lower()
-    if suffix == ".safetensors" or Path(p).is_dir():
-        raise InputError(
-            f"{p}: safetensors and Hugging Face checkpoints are not supported by this version",
-            "save the model with torch.jit.script(model).save('model.pt') and pass the .pt file",
-        )
+    if Path(p).is_dir():
+        from cmrtool.backends.hf import load_dir
+
+        if arch is not None:
+            raise UsageError(f"{p} is a directory: --arch applies to .safetensors files only", "drop --arch; a Hugging Face directory names its class in config.json")
+        return load_dir(p)
+    if suffix == ".safetensors":
+        from cmrtool.backends.checkpoint import load_safetensors
+
+        return load_safetensors(p, arch)
+    if arch is not None:
+        raise UsageError(f"--arch applies to .safetensors files, and {p} is not one", "drop --arch for TorchScript checkpoints")
     if suffix == ".onnx":
-        raise InputError(f"{p}: ONNX is an output format of cmrtool, not an input", "pass the TorchScript model the ONNX file was exported from")
+        raise InputError(f"{p}: ONNX is an output format of cmrtool, not an input", "pass the model the ONNX file was exported from")
     if p == STDIO or suffix in _TORCHSCRIPT_SUFFIXES or suffix == "":
         from cmrtool.backends.torchscript import TorchScriptModel
 
         return TorchScriptModel(p)
-    raise InputError(f"unknown model format '{suffix}' for {p}", "pass a TorchScript file (.pt) saved by torch.jit.save")
+    raise InputError(
+        f"unknown model format '{suffix}' for {p}",
+        "pass a TorchScript file (.pt), a .safetensors file with --arch, or a Hugging Face directory",
+    )

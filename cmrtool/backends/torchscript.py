@@ -142,6 +142,10 @@ class TorchScriptModel:
         text = extra[PLAN_FILE]
         return module, text.decode() if isinstance(text, bytes) else text
 
+    def reopen(self, path: str | Path) -> TorchScriptModel:
+        """Load what :meth:`write` wrote."""
+        return TorchScriptModel(path)
+
     def fresh_module(self) -> Any:
         """A new, independent copy of the checkpoint's module (eval mode)."""
         src: Any = io.BytesIO(self._bytes) if self._bytes is not None else self.path

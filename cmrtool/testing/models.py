@@ -11,7 +11,8 @@ All three read an image batch ``(n, 1, 8, 8)`` (scikit-learn's handwritten digit
   (``exact``), ``conv3`` the pooled head (``exact``). ``conv2``/``conv3`` have no bias, as is usual
   before BatchNorm, so folding into them exercises "consumer without a bias".
 - :class:`DigitsTransformer`: rows of the image as 8 tokens, pre-LayerNorm encoder blocks with
-  multi-head attention (``scaled_dot_product_attention``) and a GELU FFN. Sites: ``blocks.i.fc1``.
+  multi-head attention (``scaled_dot_product_attention``) and a GELU FFN. Sites: ``blocks.i.fc1``
+  (neurons) and, through ``--arch``, the attention heads ``blocks.i.attn``.
 """
 
 from __future__ import annotations
@@ -73,24 +74,29 @@ class DigitsConvNet(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v projections and an output projection."""
+    """Multi-head self-attention with separate q/k/v projections and an output projection.
+
+    The head count is read from the projections' shapes (``-1`` below) and the head size from
+    ``head_dim``, as in Hugging Face models, so a copy with heads removed runs unchanged.
+    """
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
+        self.head_dim = dim // heads
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.o_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        h = self.heads
-        q = self.q_proj(x).view(n, t, h, d // h).transpose(1, 2)  # (n, h, t, d/h)
-        k = self.k_proj(x).view(n, t, h, d // h).transpose(1, 2)
-        v = self.v_proj(x).view(n, t, h, d // h).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v)  # (n, h, t, d/h)
-        return self.o_proj(y.transpose(1, 2).reshape(n, t, d))
+        n, t = x.shape[0], x.shape[1]
+        hd = self.head_dim
+        q = self.q_proj(x).view(n, t, -1, hd).transpose(1, 2)  # (n, heads, t, head_dim)
+        k = self.k_proj(x).view(n, t, -1, hd).transpose(1, 2)
+        v = self.v_proj(x).view(n, t, -1, hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)  # (n, heads, t, head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(n, t, -1))
 
 
 class Block(nn.Module):

@@ -1,0 +1,322 @@
+"""The nn.Module backend: safetensors weights with an architecture, or a Hugging Face directory.
+
+Four verbs (DESIGN §2):
+
+- **discover sites**: plain modules by torch.fx tracing (:mod:`cmrtool.backends.fxsites`), and the
+  known transformer structures, FFNs and attention heads, by module layout
+  (:mod:`cmrtool.backends.patterns`); Hugging Face models by layout only;
+- **capture** a site's value with a forward pre-hook on its consumer (the value is the
+  consumer's input, e.g. ``act(gate(x)) * up(x)`` entering ``down_proj``, or the attention output
+  entering ``o_proj``);
+- **run with site values overridden** by the same hook returning ``where(mask, fill, value)``;
+  hooks are removed in ``finally``;
+- **write** by module surgery on a deep copy (:mod:`cmrtool.backends.checkpoint`): the folded
+  tensors are assigned to the copy and its layer and head counts updated, then saved as
+  safetensors with the plan in the metadata, or as a Hugging Face directory
+  (:mod:`cmrtool.backends.hf`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmrtool.backends.fxsites import fx_sites
+from cmrtool.backends.patterns import Tap, find_structures, resize_heads
+from cmrtool.errors import UnsupportedModelError
+from cmrtool.plan import Plan
+from cmrtool.sites import Rejection, Site
+
+__all__ = ["ModuleModel", "HookDownstream"]
+
+# Forward arguments that are not model inputs from a data file (HF signatures list them all).
+_NOT_INPUTS = frozenset(
+    {"labels", "past_key_values", "inputs_embeds", "use_cache", "output_attentions", "output_hidden_states",
+     "return_dict", "cache_position", "logits_to_keep", "head_mask", "kwargs"}
+)
+
+
+class ModuleModel:
+    """An nn.Module with its sites, capture/override by hooks, and surgery-based writing.
+
+    Args:
+        module: the model (put in eval mode; its parameters are frozen).
+        path: where it came from (a ``.safetensors`` file or a Hugging Face directory).
+        sha256: the checkpoint's hash (verify compares it with a reduced model's plan).
+        arch: ``pkg.module:factory`` or ``hf:ClassName``: how to rebuild the architecture.
+        plan: the plan of a reduced model.
+        hf_config: the Hugging Face config, for models from a Hugging Face directory.
+        fmt: ``safetensors`` or ``huggingface`` (reported by ``inspect``).
+
+    Example:
+        >>> m = load_model("samples/digits_transformer.safetensors", "cmrtool.testing.models:digits_transformer")
+        >>> [s.name for s in m.sites]
+        ['blocks.0.attn', 'blocks.0.fc1', 'blocks.1.attn', 'blocks.1.fc1']
+    """
+
+    def __init__(
+        self, module: nn.Module, path: str | Path, sha256: str, arch: str | None = None, plan: Plan | None = None,
+        hf_config: Any = None, fmt: str = "safetensors",
+    ) -> None:
+        self.module = module.eval().requires_grad_(False)
+        self.path, self.sha256, self.arch, self.plan, self.hf_config, self.format = str(path), sha256, arch, plan, hf_config, fmt
+        self._params = dict(module.named_parameters())
+        self.dtype = next((p.dtype for p in self._params.values() if p.is_floating_point()), torch.float32)
+        self.arg_names, self.required_args, self.call_kwargs = _signature(module)
+        self._rank = {name: i for i, (name, _) in enumerate(module.named_modules())}
+        self.sites: list[Site] = []
+        self.rejected: list[Rejection] = []
+        self.unsupported: list[str] = []
+        self.notes: list[str] = []
+        self._taps: dict[str, Tap] = {}
+        self._discover()
+
+    # -- discovery ------------------------------------------------------------------------------
+    def _discover(self) -> None:
+        found: list[Any] = []
+        config = self.hf_config if self.hf_config is not None else _transformers_config(self.module)
+        if config is None:  # Hugging Face forwards do not trace; their layouts are known
+            traced, self.notes = fx_sites(self.module)
+            found += traced
+        for item in find_structures(self.module, config):
+            if isinstance(item, str):
+                self.unsupported.append(item)
+            else:
+                found.append(item)
+        tapped: set[str] = set()
+        for item in found:
+            if isinstance(item, Rejection):
+                if item not in self.rejected:
+                    self.rejected.append(item)
+                continue
+            site, tap = item
+            if site.name in self._taps or tapped & set(tap.modules):
+                continue
+            self._taps[site.name] = tap
+            tapped |= set(tap.modules)
+            self.sites.append(site)
+        self.sites.sort(key=lambda s: self._rank[self._taps[s.name].modules[0]])
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def require_sites(self) -> None:
+        """Raise a clear error when nothing is reducible."""
+        if self.sites:
+            return
+        from cmrtool.backends.torchscript import no_sites_hint
+
+        raise UnsupportedModelError(f"no reducible sites in {self.path}", no_sites_hint(self.rejected, self.unsupported))
+
+    # -- tensors --------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All parameters and buffers by fully qualified name (detached, not copies)."""
+        return {k: v.detach() for k, v in {**self._params, **dict(self.module.named_buffers())}.items()}
+
+    def fresh_module(self) -> nn.Module:
+        """An independent copy of the module (bench converts it to another device or dtype)."""
+        return copy.deepcopy(self.module)
+
+    def twin(self, tensors: Mapping[str, torch.Tensor]) -> ModuleModel:
+        """The same architecture with ``tensors`` assigned (same sites; the audit's rescaled copies)."""
+        from cmrtool.backends.checkpoint import assign_tensors
+
+        module = copy.deepcopy(self.module)
+        assign_tensors(module, {k: v.detach().clone() for k, v in tensors.items()})
+        return ModuleModel(module, self.path, self.sha256, arch=self.arch, hf_config=self.hf_config, fmt=self.format)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self._params.values())
+
+    def is_parameter(self, name: str) -> bool:
+        return name in self._params
+
+    # -- running --------------------------------------------------------------------------------
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The model's logits (or first output tensor) for a batch."""
+        return output_tensor(self.module(*inputs, **self.call_kwargs))
+
+    def run(
+        self,
+        inputs: Sequence[torch.Tensor],
+        capture: Sequence[str] = (),
+        edits: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run a batch, capturing site values and replacing them by ``where(mask, fill, value)``.
+
+        Returns:
+            ``(logits, {site: value})``; a captured value is taken after its edit.
+        """
+        edits = dict(edits or {})
+        values: dict[str, torch.Tensor] = {}
+        handles = []
+        try:
+            for name in dict.fromkeys([*capture, *edits]):
+                tap = self._taps[name]
+                for i, (mod, split) in enumerate(zip(tap.modules, tap.splits)):
+                    hook = _tap_hook(split, edits.get(name), values, name if i == 0 and name in capture else None)
+                    handles.append(self.module.get_submodule(mod).register_forward_pre_hook(hook))
+            out = self.module(*inputs, **self.call_kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return output_tensor(out), values
+
+    def site_order(self, names: Sequence[str]) -> list[str]:
+        """``names`` in forward order (the order their consumers are registered in)."""
+        return sorted(names, key=lambda n: self._rank[self._taps[n].modules[0]])
+
+    def downstream(self, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> HookDownstream:
+        """The network after the first of ``names`` as a function of its value (a full re-run)."""
+        return HookDownstream(self, self.site_order(names))
+
+    def capture_for(
+        self, downstreams: Sequence[HookDownstream], inputs: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[list[torch.Tensor]]]:
+        """One pass: logits and the clean value of every site the downstreams use (no frontier)."""
+        names = list(dict.fromkeys(n for ds in downstreams for n in ds.order))
+        logits, values = self.run(inputs, capture=names)
+        return logits, values, [[] for _ in downstreams]
+
+    # -- writing --------------------------------------------------------------------------------
+    def reduced_module(self, tensors: Mapping[str, torch.Tensor], plan: Plan, in_place: bool = False) -> nn.Module:
+        """A copy of the module with ``tensors`` assigned (shapes may shrink) and head counts updated."""
+        from cmrtool.backends.checkpoint import assign_tensors, sync_shapes
+
+        module = self.module if in_place else copy.deepcopy(self.module)
+        assign_tensors(module, tensors)
+        for sp in plan.sites:
+            site = self.site(sp.name)
+            if site.kind == "head":
+                resize_heads(module, site, len(sp.kept))
+        sync_shapes(module)
+        return module.eval()
+
+    def write(self, path: str | Path, tensors: Mapping[str, torch.Tensor], plan: Plan) -> None:
+        """Save the reduced model as safetensors with the plan (and how to rebuild it) in the metadata."""
+        from cmrtool.backends.checkpoint import save_reduced
+
+        save_reduced(self, self.reduced_module(tensors, plan), path, plan)
+
+    def write_dir(self, path: str | Path, tensors: Mapping[str, torch.Tensor], plan: Plan) -> None:
+        """Save the reduced model as a Hugging Face directory (uniform widths per layer only)."""
+        from cmrtool.backends.hf import write_dir
+
+        write_dir(self, path, tensors, plan)
+
+    def reopen(self, path: str | Path) -> ModuleModel:
+        """Load what :meth:`write` or :meth:`write_dir` wrote."""
+        if Path(path).is_dir():
+            from cmrtool.backends.hf import load_dir
+
+            return load_dir(path)
+        from cmrtool.backends.checkpoint import load_reduced
+
+        return load_reduced(path, self.arch)
+
+
+class HookDownstream:
+    """The network after a model's first site, as a function of that site's value.
+
+    An nn.Module has no graph to cut, so ``run`` re-runs the whole forward with the first site's
+    value replaced and the later sites edited by hooks; the frontier is empty. The result is the
+    same as a cut network's, at the cost of a full forward pass per interchange batch.
+    """
+
+    frontier: tuple[str, ...] = ()
+    axes: tuple[Any, ...] = ()
+
+    def __init__(self, model: ModuleModel, order: list[str]) -> None:
+        self.model = model
+        self.order = order
+
+    def capture(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+        logits, values, _ = self.model.capture_for([self], inputs)
+        return logits, values, []
+
+    def select(self, frontier: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        return []
+
+    def concat(self, parts: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        return []
+
+    def run(
+        self,
+        inputs: Sequence[torch.Tensor],
+        first: torch.Tensor,
+        frontier: Sequence[torch.Tensor],
+        edits: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Logits with the first site set to ``first`` and the later sites edited by ``edits``."""
+        all_edits = {**dict(edits or {}), self.order[0]: (_ALL, first)}
+        return self.model.run(inputs, edits=all_edits)[0]
+
+
+_ALL = torch.ones((), dtype=torch.bool)
+
+
+def _tap_hook(
+    split: tuple[int, int, str] | None,
+    edit: tuple[torch.Tensor, torch.Tensor] | None,
+    values: dict[str, torch.Tensor],
+    capture_as: str | None,
+) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0]
+        v = x if split is None else x.unflatten(-1, split[:2] if split[2] == "block" else (split[1], split[0]))
+        if edit is not None:
+            mask, fill = edit
+            v = torch.where(mask, fill.to(v.dtype), v)
+        if capture_as is not None:
+            values[capture_as] = v
+        if edit is None:
+            return None
+        return (v if split is None else v.flatten(-2), *args[1:])
+
+    return hook
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The logits of a forward's result: a tensor, a Hugging Face output's ``logits`` (else its
+    first tensor), or the first element of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    first = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else None
+    if isinstance(first, torch.Tensor):
+        return first
+    raise UnsupportedModelError(
+        f"the model returns {type(out).__name__}, not logits",
+        "cmrtool needs a model whose forward returns a logits tensor (or a tuple starting with one)",
+    )
+
+
+def _transformers_config(module: nn.Module) -> Any:
+    """The config of a ``transformers`` model built by a factory (None for other modules)."""
+    is_hf = any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+    return getattr(module, "config", None) if is_hf else None
+
+
+def _signature(module: nn.Module) -> tuple[list[str], int, dict[str, Any]]:
+    """(input argument names, how many are required, keyword arguments every call passes)."""
+    names: list[str] = []
+    required = 0
+    params = inspect.signature(module.forward).parameters
+    for p in params.values():
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name in _NOT_INPUTS:
+            break
+        names.append(p.name)
+        required += p.default is p.empty
+    kwargs = {"use_cache": False} if "use_cache" in params else {}  # no KV cache objects in outputs
+    return names, max(1, required) if names else 0, kwargs
