@@ -343,7 +343,7 @@ def audit(
     )
 )
 def sweep(
-    model: ModelArg,
+    model: Annotated[str, typer.Argument(help="TorchScript checkpoint (torch.jit.save); read once per reduction, so not stdin.", show_default=False)],
     calib: Annotated[str, typer.Option("--calib", help="Calibration data for scoring and the fold check.", show_default=False)],
     data: Annotated[str, typer.Option("--data", help="Held-out data for verification ('input' [and 'labels']).", show_default=False)],
     keep: Annotated[str, typer.Option("--keep", help="Comma-separated keep fractions, each in (0, 1].")] = "0.9,0.75,0.5,0.25",
@@ -356,7 +356,7 @@ def sweep(
     site: SiteOpt = None,
     kind: KindOpt = None,
     batch_size: BatchOpt = 256,
-    seed: SeedOpt = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the swap draws and of criteria that draw (random).")] = 0,
     json_mode: JsonOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,

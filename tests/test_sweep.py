@@ -113,6 +113,12 @@ def test_cli_json_and_png(cli, tmp_path):
     assert again.code == 2 and "already exists" in again.err and "hint:" in again.err
 
 
+def test_help_has_examples(cli):
+    r = cli("sweep", "--help")
+    assert r.code == 0 and "Examples:" in r.out and "cmrtool sweep" in r.out and "--plot" in r.out
+    assert "sweep" in cli("--help").out
+
+
 def test_cli_table(cli):
     r = cli("sweep", MLP, "--calib", CALIB, "--data", EVAL, "--keep", "0.5", "-c", "cmr-logit", "--swaps", "20",
             "--site", "body.3", "--no-json")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import HERE, fmt, ours_vs_paper
+from common import HERE, fmt, new_cells, ours_vs_paper, paper_means, print_table, record
 from safetensors.torch import save_file
 from torch import nn
 
@@ -28,15 +28,13 @@ from cmrtool import api
 
 N_POINTS, TRAIN_FRACTION, N_CALIB, WIDTH = 4096, 0.8, 2000, 64
 
-# Table 6 of the paper: keep -> criterion -> (test accuracy, IIA, KL), means (sd in the text).
+# Table 6 of the paper: keep -> criterion -> (test accuracy, IIA, KL), mean ± sd as printed.
 PAPER = {
-    32: {"cmr-logit": ("1.000 ± 0.001", 0.927, 0.172), "vbp": ("0.989 ± 0.024", 0.923, 0.234),
-         "cmr-const": ("0.981 ± 0.042", 0.864, 0.527), "random": ("0.921 ± 0.075", 0.794, 1.013)},
-    16: {"cmr-logit": ("0.987 ± 0.029", 0.814, 0.806), "vbp": ("0.951 ± 0.050", 0.827, 0.790),
-         "cmr-const": ("0.928 ± 0.067", 0.752, 1.234), "random": ("0.768 ± 0.114", 0.710, 1.509)},
+    32: {"cmr-logit": ("1.000 ± 0.001", "0.927 ± 0.020", "0.172 ± 0.092"), "vbp": ("0.989 ± 0.024", "0.923 ± 0.025", "0.234 ± 0.149"),
+         "cmr-const": ("0.981 ± 0.042", "0.864 ± 0.025", "0.527 ± 0.251"), "random": ("0.921 ± 0.075", "0.794 ± 0.058", "1.013 ± 0.354")},
+    16: {"cmr-logit": ("0.987 ± 0.029", "0.814 ± 0.029", "0.806 ± 0.202"), "vbp": ("0.951 ± 0.050", "0.827 ± 0.033", "0.790 ± 0.212"),
+         "cmr-const": ("0.928 ± 0.067", "0.752 ± 0.019", "1.234 ± 0.216"), "random": ("0.768 ± 0.114", "0.710 ± 0.067", "1.509 ± 0.559")},
 }
-PAPER_SD = {32: {"cmr-logit": (0.020, 0.092), "vbp": (0.025, 0.149), "cmr-const": (0.025, 0.251), "random": (0.058, 0.354)},
-            16: {"cmr-logit": (0.029, 0.202), "vbp": (0.033, 0.212), "cmr-const": (0.019, 0.216), "random": (0.067, 0.559)}}
 
 
 class CircuitMLP(nn.Module):
@@ -97,8 +95,7 @@ def main() -> None:
     api.configure(args.threads)
     criteria = args.criteria.split(",")
     keeps = [32, 16]
-    # values[criterion][keep][metric] -> per-seed list
-    values = {c: {k: {"acc": [], "iia": [], "kl": []} for k in keeps} for c in criteria}
+    values = new_cells(criteria, keeps)
     base_acc = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,27 +104,15 @@ def main() -> None:
             base_acc.append(acc)
             report = api.sweep(model, calib, test, keeps=[k / WIDTH for k in keeps], criteria=criteria, sites=["body.2"],
                                swaps=args.swaps, p=args.p, seed=seed)
-            for r in report.rows:
-                cell = values[r.criterion][round(r.keep * WIDTH)]
-                cell["acc"].append(r.accuracy)
-                cell["iia"].append(r.iia)
-                cell["kl"].append(r.kl)
+            record(values, report, key=lambda keep: round(keep * WIDTH))
     print(f"Boolean circuit y = XOR(AND(x1,x2), OR(x3,x4)), MLP 8-64-64-2, penultimate layer body.2; {args.seeds} seeds, "
           f"R = {args.swaps} swaps, p = {args.p}; trained model test accuracy {fmt(base_acc)}; "
           f"{time.perf_counter() - start:.0f} s in all")
     print()
-    print("| keep | criterion | test acc. | IIA | KL | paper test acc. | paper IIA | paper KL |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for k in keeps:
-        for c in criteria:
-            v = values[c][k]
-            pa = PAPER[k].get(c)
-            paper = "— | — | —" if pa is None else f"{pa[0]} | {pa[1]:.3f} ± {PAPER_SD[k][c][0]:.3f} | {pa[2]:.3f} ± {PAPER_SD[k][c][1]:.3f}"
-            print(f"| {k} | {c} | {fmt(v['acc'])} | {fmt(v['iia'])} | {fmt(v['kl'])} | {paper} |")
+    print_table(values, keeps, PAPER)
     ours = {c: {m: [values[c][k][m] for k in keeps] for m in ("iia", "kl")} for c in criteria}
-    paper = {c: {"iia": [PAPER[k][c][1] for k in keeps], "kl": [PAPER[k][c][2] for k in keeps]} for c in criteria if c in PAPER[32]}
     ours_vs_paper(args.plot, f"Boolean circuit (paper Table 6): MLP 8-64-64-2, penultimate layer; mean ± sd over {args.seeds} seeds",
-                  keeps, "units kept of 64", ours, paper)
+                  keeps, "units kept of 64", ours, paper_means(PAPER, keeps))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,37 @@ def paired_bootstrap(deltas: Sequence[float], resamples: int = 10_000, seed: int
     return statistics.mean(deltas), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
+def new_cells(criteria: Sequence[str], keeps: Sequence[float]) -> dict[str, dict[float, dict[str, list[float]]]]:
+    """``cells[criterion][keep][metric]``: per-seed lists of test accuracy (``acc``), ``iia`` and ``kl``."""
+    return {c: {k: {"acc": [], "iia": [], "kl": []} for k in keeps} for c in criteria}
+
+
+def record(cells: dict[str, dict[float, dict[str, list[float]]]], report: object, key: Callable[[float], float] = lambda k: k) -> None:
+    """Append one seed's sweep rows (a :class:`cmrtool.sweep.SweepReport`) to ``cells``; ``key`` maps a row's keep to the cell's."""
+    for r in report.rows:  # type: ignore[attr-defined]
+        cell = cells[r.criterion][key(r.keep)]
+        cell["acc"].append(r.accuracy)
+        cell["iia"].append(r.iia)
+        cell["kl"].append(r.kl)
+
+
+def print_table(cells: dict[str, dict[float, dict[str, list[float]]]], keeps: Sequence[float], paper: dict[float, dict[str, tuple[str, str, str]]],
+                keep_label: Callable[[float], str] = str) -> None:
+    """Markdown: per keep and criterion, our mean ± sd (test accuracy, IIA, KL) beside the paper's as printed."""
+    print("| keep | criterion | test acc. | IIA | KL | paper test acc. | paper IIA | paper KL |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for k in keeps:
+        for c, v in cells.items():
+            theirs = paper[k].get(c, ("—", "—", "—"))
+            print(f"| {keep_label(k)} | {c} | {fmt(v[k]['acc'])} | {fmt(v[k]['iia'])} | {fmt(v[k]['kl'])} | " + " | ".join(theirs) + " |")
+
+
+def paper_means(paper: dict[float, dict[str, tuple[str, str, str]]], keeps: Sequence[float]) -> dict[str, dict[str, list[float]]]:
+    """The paper's IIA and KL means per criterion (for :func:`ours_vs_paper`), from ``"mean ± sd"`` strings."""
+    criteria = [c for c in paper[keeps[0]] if all(c in paper[k] for k in keeps)]
+    return {c: {m: [float(paper[k][c][i].split(" ")[0]) for k in keeps] for i, m in ((1, "iia"), (2, "kl"))} for c in criteria}
+
+
 def write_figure(path: Path, draw: Callable[[object], None], size: tuple[float, float] = (10, 4.2)) -> None:
     """Draw on a fresh Agg figure (``draw(fig)``) and save it as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import HERE, ROOT, SAMPLES, fmt, ours_vs_paper, paired_bootstrap
+from common import HERE, ROOT, SAMPLES, fmt, new_cells, ours_vs_paper, paired_bootstrap, paper_means, print_table, record
 
 from cmrtool import api
 
@@ -77,7 +77,7 @@ def main() -> None:
     api.configure(args.threads)
     criteria = args.criteria.split(",")
     keeps = list(KEEPS)
-    values = {c: {k: {"acc": [], "iia": [], "kl": []} for k in keeps} for c in criteria}
+    values = new_cells(criteria, keeps)
     base_acc = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,21 +86,11 @@ def main() -> None:
             base_acc.append(acc)
             report = api.sweep(model, SAMPLES / "calib.safetensors", SAMPLES / "eval.safetensors", keeps=keeps, criteria=criteria,
                                sites=["body.3"], swaps=args.swaps, seed=seed)
-            for r in report.rows:
-                cell = values[r.criterion][r.keep]
-                cell["acc"].append(r.accuracy)
-                cell["iia"].append(r.iia)
-                cell["kl"].append(r.kl)
+            record(values, report)
     print(f"digits MLP 64-256-256-10, penultimate layer body.3, {args.seeds} retrained checkpoints (seeds 0..{args.seeds - 1}), "
           f"R = {args.swaps} swaps, p = 0.5; original held-out accuracy {fmt(base_acc)}; {time.perf_counter() - start:.0f} s in all")
     print()
-    print("| keep (paper) | criterion | test acc. | IIA | KL | paper test acc. | paper IIA | paper KL |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for k in keeps:
-        for c in criteria:
-            v = values[c][k]
-            pa = PAPER[KEEPS[k]].get(c, ("—", "—", "—"))
-            print(f"| {k:g} ({KEEPS[k]}/512) | {c} | {fmt(v['acc'])} | {fmt(v['iia'])} | {fmt(v['kl'])} | {pa[0]} | {pa[1]} | {pa[2]} |")
+    print_table(values, keeps, {k: PAPER[KEEPS[k]] for k in keeps}, keep_label=lambda k: f"{k:g} ({KEEPS[k]}/512)")
     if "cmr-logit" in criteria and "vbp" in criteria:
         print()
         print("Paired bootstrap (10,000 resamples of seeds), cmr-logit − vbp, mean [95% CI]:")
@@ -118,10 +108,9 @@ def main() -> None:
             print(f"| {k:g} | {cells[0]} | {cells[1]} | {wins[0]}/{args.seeds} / {wins[1]}/{args.seeds} | "
                   f"{PAPER_DELTA[KEEPS[k]][0]} | {PAPER_DELTA[KEEPS[k]][1]} |")
     ours = {c: {m: [values[c][k][m] for k in keeps] for m in ("iia", "kl")} for c in criteria}
-    paper = {c: {m: [float(PAPER[KEEPS[k]][c][i].split(" ")[0]) for k in keeps] for i, m in ((1, "iia"), (2, "kl"))}
-             for c in criteria if c in PAPER[384]}
     ours_vs_paper(args.plot, f"MNIST-style (paper Table 5) on the digits MLP, penultimate layer; mean ± sd over {args.seeds} checkpoints",
-                  keeps, "keep fraction (paper: 384/512 = 0.75, 256/512 = 0.5)", ours, paper)
+                  keeps, "keep fraction (paper: 384/512 = 0.75, 256/512 = 0.5)", ours,
+                  paper_means({k: PAPER[KEEPS[k]] for k in keeps}, keeps))
 
 
 if __name__ == "__main__":
