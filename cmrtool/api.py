@@ -27,7 +27,7 @@ from typing import Any, ContextManager
 
 from cmrtool.errors import UsageError
 
-__all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "verify", "bench", "audit", "ProgressFactory", "default_threads", "usable_cpus"]
+__all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "verify", "bench", "audit", "sweep", "ProgressFactory", "default_threads", "usable_cpus"]
 
 ProgressFactory = Callable[..., ContextManager[Callable[[int], None]]]  # (description, total[, unit])
 
@@ -439,3 +439,81 @@ def audit(
     data = open_data(calib, model)
     with (progress or _no_progress)("audit", seeds, "seeds") as advance:
         return run_audit(model, data, list(criteria), chosen, keep, seeds, (lo, hi), validate, batch_size, advance)
+
+
+def sweep(
+    path: str | Path,
+    calib: str | Path,
+    data: str | Path,
+    keeps: str | Sequence[float] = (0.9, 0.75, 0.5, 0.25),
+    criteria: str | Sequence[str] = ("cmr-logit", "vbp", "random"),
+    sites: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    swaps: int = 2000,
+    p: float = 0.5,
+    seed: int = 0,
+    batch_size: int = 256,
+    plot: str | Path | None = None,
+    keep_models: str | Path | None = None,
+    force: bool = False,
+    progress: ProgressFactory | None = None,
+    warn: Callable[[str], None] | None = None,
+    arch: str | None = None,
+) -> Any:
+    """Compile and verify every (criterion, keep) pair (:class:`cmrtool.sweep.SweepReport`).
+
+    Each criterion scores the model once on ``calib``; each keep fraction is compiled from those
+    scores and verified on ``data`` with ``swaps`` interchange interventions at ``p``.
+
+    Args:
+        keeps: keep fractions in (0, 1], a sequence or ``"0.9,0.5"``.
+        criteria: criterion names, a sequence or ``"cmr-logit,vbp"``.
+        plot: also write a PNG of IIA and KL against MACs kept (needs matplotlib, ``cmrtool[plot]``).
+        keep_models: keep the reduced checkpoints in this directory (created if missing) instead
+            of a temporary one; existing files there are replaced only with ``force``.
+        arch: ``pkg.module:factory`` for ``.safetensors`` weights; reduced checkpoints of an
+            nn.Module model are written as ``.safetensors``, of a TorchScript model as ``.pt``.
+
+    Example:
+        >>> report = sweep("samples/digits_mlp.pt", "samples/calib.safetensors", "samples/eval.safetensors",
+        ...                keeps=[0.75, 0.5], criteria=["cmr-logit", "vbp"], swaps=500)
+        >>> [(r.criterion, r.keep, r.iia) for r in report.rows]
+    """
+    from cmrtool.errors import InputError
+    from cmrtool.io import check_output_path, require_file
+    from cmrtool.sweep import model_path_for, parse_criteria, parse_keeps, run_sweep
+
+    # Everything cheap is checked before the first compile.
+    keep_list = parse_keeps(keeps)
+    criterion_list = parse_criteria(criteria)
+    if swaps < 1 or not (0.0 <= p <= 1.0):
+        raise UsageError(f"need --swaps ≥ 1 and --p in [0, 1], got {swaps} and {p}", "e.g. --swaps 2000 --p 0.5")
+    if any(str(x) == "-" for x in (path, calib, data)):
+        raise UsageError("sweep reads its model and data once per reduction, so it cannot read stdin ('-')", "write them to files first")
+    inputs = [path, calib, data]
+    for what, f in zip(("model", "calibration data", "held-out data"), inputs):
+        if not (what == "model" and Path(f).is_dir()):  # a Hugging Face directory
+            require_file(f, what)
+    if plot is not None:
+        from cmrtool.plot import require_matplotlib
+
+        require_matplotlib()
+        check_output_path(plot, inputs, force)
+    if keep_models is not None:
+        directory = Path(keep_models)
+        if directory.exists() and not directory.is_dir():
+            raise InputError(f"--keep-models {directory} is not a directory", "give a directory (it is created if missing)")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create --keep-models directory {directory}: {e.strerror}", "choose a directory you can write to") from None
+        for c in criterion_list:
+            for k in keep_list:
+                check_output_path(model_path_for(directory, path, c, k), inputs, force)
+    report = run_sweep(path, calib, data, keep_list, criterion_list, sites, kinds, swaps, p, seed, batch_size,
+                       keep_models, force, progress or _no_progress, warn, arch)
+    if plot is not None:
+        from cmrtool.plot import plot_sweep
+
+        plot_sweep(report, plot)
+    return report

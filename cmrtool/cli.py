@@ -40,7 +40,7 @@ app = typer.Typer(
     help=(
         "Reduce trained PyTorch networks by mechanism replacement: score hidden units, replace the "
         "weakest by constants, and fold them exactly into a smaller checkpoint.\n\n"
-        "Pipeline: inspect → score → compile → verify → bench (and audit).  Results go to stdout (JSON with --json or when "
+        "Pipeline: inspect → score → compile → verify → bench (and audit, sweep).  Results go to stdout (JSON with --json or when "
         "piped), logs and progress to stderr.  Exit codes: 0 ok, 1 bad input, 2 bad usage, "
         "3 verification failed.  Set CMRTOOL_DEBUG=1 for tracebacks."
     ),
@@ -50,6 +50,7 @@ app = typer.Typer(
         "cmrtool compile samples/digits_mlp.pt --calib samples/calib.safetensors --keep 0.5 -o reduced.pt",
         "cmrtool verify samples/digits_mlp.pt reduced.pt --data samples/eval.safetensors --min-iia 0.5",
         "cmrtool bench samples/digits_mlp.pt reduced.pt --data samples/calib.safetensors",
+        "cmrtool sweep samples/digits_mlp.pt --calib samples/calib.safetensors --data samples/eval.safetensors --plot sweep.png",
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -346,6 +347,50 @@ def audit(
         batch_size, out.progress, arch,
     )
     out.result(report.to_json(), lambda c: render.audit_table(report, c))
+
+
+@app.command(
+    epilog=_examples(
+        "cmrtool sweep model.pt --calib calib.safetensors --data heldout.safetensors",
+        "cmrtool sweep model.pt --calib calib.safetensors --data heldout.safetensors \\",
+        "  --keep 0.9,0.75,0.5,0.25 --criterion cmr-logit,vbp,random --plot sweep.png",
+        "cmrtool sweep model.pt --calib calib.safetensors --data heldout.safetensors --site body.3 --swaps 500 --json > sweep.json",
+        "cmrtool sweep model.pt --calib calib.safetensors --data heldout.safetensors --keep 0.5 --keep-models reduced/",
+    )
+)
+def sweep(
+    model: Annotated[str, typer.Argument(help="TorchScript checkpoint, .safetensors weights (with --arch) or a Hugging Face directory; read once per reduction, so not stdin.", show_default=False)],
+    calib: Annotated[str, typer.Option("--calib", help="Calibration data for scoring and the fold check.", show_default=False)],
+    data: Annotated[str, typer.Option("--data", help="Held-out data for verification ('input' [and 'labels']).", show_default=False)],
+    keep: Annotated[str, typer.Option("--keep", help="Comma-separated keep fractions, each in (0, 1].")] = "0.9,0.75,0.5,0.25",
+    criterion: Annotated[str, typer.Option("--criterion", "-c", help=f"Comma-separated criteria ({CRITERIA}).")] = "cmr-logit,vbp,random",
+    swaps: Annotated[int, typer.Option("--swaps", help="Interchange interventions per site (and for all sites together), as in verify.")] = 2000,
+    p: Annotated[float, typer.Option("--p", help="Probability that a retained unit takes the source's activation.")] = 0.5,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Also write a PNG of IIA and KL against MACs kept, one line per criterion (needs matplotlib: pip install 'cmrtool[plot]').", show_default=False)] = None,
+    keep_models: Annotated[Optional[str], typer.Option("--keep-models", help="Keep the reduced checkpoints in this directory (default: a temporary one, removed).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the plot and kept checkpoints if they exist.")] = False,
+    site: SiteOpt = None,
+    kind: KindOpt = None,
+    batch_size: BatchOpt = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the swap draws and of criteria that draw (random).")] = 0,
+    arch: ArchOpt = None,
+    json_mode: JsonOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compile and verify the model at every keep fraction with every criterion: a table (or JSON rows) of params, MACs, accuracy, agreement, IIA and KL, and with --plot a PNG of the trade-off."""
+    from cmrtool import api, render
+
+    out = _output(json_mode, quiet)
+    _setup(threads)
+    report = api.sweep(
+        model, calib, data, keeps=keep, criteria=criterion, sites=site, kinds=kind, swaps=swaps, p=p, seed=seed,
+        batch_size=batch_size, plot=plot, keep_models=keep_models, force=force, progress=out.progress, warn=out.warn,
+        arch=arch,
+    )
+    out.result(report.to_json(), lambda c: render.sweep_table(report, c))
+    if plot is not None:
+        out.log(f"wrote {plot}")
 
 
 def _version(value: bool) -> None:

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from cmrtool.output import fmt_float, fmt_int
 
-__all__ = ["inspect_table", "score_table", "compile_table", "verify_table", "bench_table", "audit_table"]
+__all__ = ["inspect_table", "score_table", "compile_table", "verify_table", "bench_table", "audit_table", "sweep_table"]
 
 
 def inspect_table(report: Any, console: Console) -> None:
@@ -208,3 +208,33 @@ def audit_table(report: Any, console: Console) -> None:
         for c, r in v["criteria"].items():
             vt.add_row(c, fmt_float(r["spearman"]), fmt_float(r["kendall"]))
         console.print(vt)
+
+
+def _fmt_opt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def sweep_table(report: Any, console: Console) -> None:
+    """One row per (criterion, keep): size, plain fidelity, interchange IIA and KL."""
+    d = report.to_json()
+    o, st = d["original"], d["settings"]
+    acc = "" if o["accuracy"] is None else f"  accuracy {o['accuracy']:.1%}"
+    console.print(f"[bold]{escape(d['model'])}[/]  params {fmt_int(o['params'])}  MACs {fmt_int(o['macs'])}{acc}")
+    t = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for col in ("keep", "criterion", "params", "MACs", "kept", "accuracy", "agreement", "IIA", "KL"):
+        t.add_column(col, justify="left" if col == "criterion" else "right", no_wrap=True)
+    for r in d["rows"]:
+        t.add_row(
+            f"{r['keep']:g}", escape(r["criterion"]), fmt_int(r["params"]), fmt_int(r["macs"]), _fmt_opt(r["macs_ratio"], ".0%"),
+            _fmt_opt(r["accuracy"], ".1%"), f"{r['agreement']:.1%}", f"{r['iia']:.3f}", f"{r['kl']:.3f}",
+        )
+    console.print(t)
+    where = "all reduced sites at once" if d["rows"] and d["rows"][0]["iia_of"] == "all" else "the reduced site"
+    console.print(
+        f"sites {', '.join(st['sites'])}; kept = MACs kept (reduced / original); IIA and KL(low‖high) of {where}, "
+        f"{st['swaps']} swaps, p = {st['p']}; plain-input KL and per-site figures with --json",
+        markup=False,
+    )
+    kept = [r["model"] for r in d["rows"] if r["model"]]
+    if kept:
+        console.print(f"kept {len(kept)} reduced checkpoints in {st['keep_models']}", markup=False)

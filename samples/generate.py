@@ -46,8 +46,17 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(SEED + 1)
+def split_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed shuffle of the digits into (x_train, y_train, x_eval, y_eval); eval is the first N_EVAL."""
+    x, y = load_digits()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(SEED))
+    x, y = x[perm], y[perm]
+    return x[N_EVAL:], y[N_EVAL:], x[:N_EVAL], y[:N_EVAL]
+
+
+def train(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = SEED) -> torch.nn.Module:
+    """The training recipe of the samples; ``seed`` orders the batches (the samples use SEED)."""
+    g = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=LR[name], weight_decay=1e-4)
     steps = EPOCHS[name] * ((len(x) + 63) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR[name], total_steps=steps)
@@ -71,11 +80,7 @@ def sha256(path: Path) -> str:
 def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(SEED)
-    x, y = load_digits()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(SEED))
-    x, y = x[perm], y[perm]
-    x_eval, y_eval = x[:N_EVAL], y[:N_EVAL]
-    x_train, y_train = x[N_EVAL:], y[N_EVAL:]
+    x_train, y_train, x_eval, y_eval = split_digits()
     save_file({"input": x_train[:N_CALIB].contiguous(), "labels": y_train[:N_CALIB].contiguous()}, str(HERE / "calib.safetensors"))
     save_file({"input": x_eval.contiguous(), "labels": y_eval.contiguous()}, str(HERE / "eval.safetensors"))
 

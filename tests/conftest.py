@@ -36,7 +36,7 @@ def cli(capsys, monkeypatch):
 
             monkeypatch.setattr(cio, "_stdin_cache", None)
         capsys.readouterr()
-        code = main([str(a) for a in args] + ["--threads", "2"] if args and args[0] in ("inspect", "score", "compile", "verify", "bench", "audit") else [str(a) for a in args])
+        code = main([str(a) for a in args] + ["--threads", "2"] if args and args[0] in ("inspect", "score", "compile", "verify", "bench", "audit", "sweep") else [str(a) for a in args])
         cap = capsys.readouterr()
         return CliResult(code, cap.out, cap.err)
 
