@@ -279,6 +279,7 @@ def test_fitted_replacements_never_lose_calibration_fidelity(tmp_path):
     o = torch.jit.load(str(src))
     lp = F.log_softmax(o(x).double(), -1)
 
+    @torch.no_grad()
     def kl(path):
         lq = F.log_softmax(torch.jit.load(str(path))(x).double(), -1)
         return float((lp.exp() * (lp - lq)).sum(-1).mean())

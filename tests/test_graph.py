@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import Flagged, build, inputs_for, save_ts
 from torch import nn
@@ -54,6 +55,7 @@ def test_traced_numeric_value_names_survive_graph_copies(tmp_path):
     assert torch.allclose(logits, m.forward([x]))
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # tracing in training mode is the point
 def test_model_traced_in_training_mode_is_refused(tmp_path):
     from helpers import TinyConv
 
