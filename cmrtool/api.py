@@ -407,7 +407,7 @@ def bench(
 def audit(
     path: str | Path,
     calib: str | Path,
-    criteria: Sequence[str] = ("cmr-logit", "vbp", "magnitude", "random"),
+    criteria: str | Sequence[str] = ("cmr-logit", "vbp", "magnitude", "random"),
     sites: Sequence[str] | None = None,
     keep: float = 0.5,
     seeds: int = 10,
@@ -419,12 +419,11 @@ def audit(
 ) -> Any:
     """Reparameterization audit and criterion validation (:class:`cmrtool.audit.AuditReport`)."""
     from cmrtool.audit import audit as run_audit
-    from cmrtool.criteria import get_criterion
+    from cmrtool.criteria import parse_criteria
     from cmrtool.data import open_data
     from cmrtool.scoring import select_sites
 
-    for c in criteria:
-        get_criterion(c)
+    criteria = parse_criteria(criteria)
     if not 0 < keep < 1:
         raise UsageError(f"--keep must be in (0, 1) for the audit, got {keep}", "e.g. --keep 0.5")
     lo, hi = scale_range
@@ -481,7 +480,8 @@ def sweep(
     """
     from cmrtool.errors import InputError
     from cmrtool.io import check_output_path, require_file
-    from cmrtool.sweep import model_path_for, parse_criteria, parse_keeps, run_sweep
+    from cmrtool.criteria import parse_criteria
+    from cmrtool.sweep import model_path_for, parse_keeps, run_sweep
 
     # Everything cheap is checked before the first compile.
     keep_list = parse_keeps(keeps)

@@ -343,7 +343,7 @@ def audit(
     out = _output(json_mode, quiet)
     _setup(threads)
     report = api.audit(
-        model, calib, [c.strip() for c in criteria.split(",") if c.strip()], site, keep, seeds, (lo, hi), validate,
+        model, calib, criteria, site, keep, seeds, (lo, hi), validate,
         batch_size, out.progress, arch,
     )
     out.result(report.to_json(), lambda c: render.audit_table(report, c))

@@ -32,7 +32,7 @@ Under zero gradient and uniform curvature ``cmr-const`` is ``α/2·Var`` (Lemma 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +51,7 @@ __all__ = [
     "REGISTRY",
     "register",
     "get_criterion",
+    "parse_criteria",
     "consumer_sq_norms",
     "DEFAULT_CRITERION",
     "REPLACEMENT_MODES",
@@ -153,6 +154,20 @@ def get_criterion(name: str) -> Criterion:
         raise UsageError(
             f"unknown criterion '{name}'", f"choose one of: {', '.join(sorted(REGISTRY))}"
         ) from None
+
+
+def parse_criteria(criteria: str | Sequence[str]) -> tuple[str, ...]:
+    """Criterion names from ``"cmr-logit,vbp"`` or a sequence, each checked against the registry,
+    duplicates dropped (``audit --criteria``, ``sweep --criterion``)."""
+    items = [c.strip() for c in criteria.split(",")] if isinstance(criteria, str) else [str(c) for c in criteria]
+    out: list[str] = []
+    for c in filter(None, items):
+        get_criterion(c)
+        if c not in out:
+            out.append(c)
+    if not out:
+        raise UsageError("no criteria given", "e.g. cmr-logit,vbp,random")
+    return tuple(out)
 
 
 def _unit_view(weight: torch.Tensor, consumer: Consumer, width: int) -> torch.Tensor:

@@ -37,9 +37,7 @@ class BenchModel:
 
     @property
     def format(self) -> str:
-        if self.session is not None:
-            return "onnx"
-        return str(getattr(self.model, "format", "torchscript"))
+        return "onnx" if self.session is not None else str(self.model.format)
 
 
 def load_bench_model(path: str, threads: int, target: Target, note: Callable[[str], None], arch: str | None = None) -> BenchModel:

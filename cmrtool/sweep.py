@@ -30,7 +30,7 @@ from typing import Any, ContextManager
 from cmrtool import __version__
 from cmrtool.errors import UsageError
 
-__all__ = ["SweepRow", "SweepReport", "parse_keeps", "parse_criteria", "model_path_for", "run_sweep"]
+__all__ = ["SweepRow", "SweepReport", "parse_keeps", "model_path_for", "run_sweep"]
 
 SWEEP_SCHEMA_VERSION = 1
 
@@ -55,20 +55,6 @@ def parse_keeps(keeps: str | Sequence[float]) -> tuple[float, ...]:
             out.append(k)
     if not out:
         raise UsageError("no keep fractions given", "e.g. --keep 0.9,0.75,0.5,0.25")
-    return tuple(out)
-
-
-def parse_criteria(criteria: str | Sequence[str]) -> tuple[str, ...]:
-    """Criterion names from ``"cmr-logit,vbp"`` or a sequence, each checked against the registry."""
-    from cmrtool.criteria import get_criterion
-
-    out: list[str] = []
-    for c in _items(criteria):
-        get_criterion(str(c))
-        if c not in out:
-            out.append(str(c))
-    if not out:
-        raise UsageError("no criteria given", "e.g. --criterion cmr-logit,vbp,random")
     return tuple(out)
 
 

@@ -260,6 +260,12 @@ def test_audit_cli_contract(cli):
     assert v["units"] == 24 and v["criteria"]["cmr-logit"]["spearman"] > v["criteria"]["random"]["spearman"]
 
 
+@pytest.mark.parametrize(("criteria", "message"), [(",", "no criteria given"), ("cmr-logit,nope", "unknown criterion 'nope'")])
+def test_audit_bad_criteria_are_usage_errors(cli, criteria, message):
+    r = cli("audit", SAMPLES / "digits_mlp.pt", "--calib", SAMPLES / "calib.safetensors", "--criteria", criteria)
+    assert r.code == 2 and f"error: {message}" in r.err and "hint:" in r.err and r.out == ""
+
+
 def test_audit_refuses_models_without_relu_sites(cli):
     r = cli("audit", SAMPLES / "digits_transformer.pt", "--calib", SAMPLES / "calib.safetensors", "--seeds", "1")
     assert r.code == 1 and "positively homogeneous" in r.err
