@@ -406,8 +406,8 @@ def compile_model(
     if distributed.is_writer():  # other ranks hold the same plan; rank 0 writes and checks it
         with _staging(out, kind) as stage:
             (model.write_dir if kind == "dir" else model.write)(stage, result.tensors, plan)
-            reduced = model.reopen(stage) if check_inputs is not None else None
-            if reduced is not None and check_inputs is not None:
+            if check_inputs is not None:
+                reduced = model.reopen(stage)
                 fe = _checked_fold_error(model, reduced, plan, check_inputs, notes)
                 if onnx_path is not None:
                     onnx_report = export_onnx(reduced, onnx_path, check_inputs)
