@@ -16,7 +16,8 @@ from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile import compile_model
 from cmrtool.data import Dataset
 from cmrtool.plan import Plan, Replacement, SitePlan
-from cmrtool.verify import interchange, margin_certificate, prepare_interchange, verify, wilson
+from cmrtool.swap import select
+from cmrtool.verify import _bernoulli, _Cache, _downstreams, interchange, margin_certificate, prepare_interchange, wilson
 
 
 class ThreeUnit(nn.Module):
@@ -197,3 +198,97 @@ def test_bad_inputs(cli, tmp_path):
         errors = [ln for ln in r.err.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1 and text in errors[0], r.err
         assert "hint: " in r.err and "Traceback" not in r.err and r.out == ""
+
+
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+@pytest.mark.parametrize("dtype", list(_BITS))
+def test_select_equals_where_bit_for_bit(dtype):
+    """The bitwise select gives where's bits, NaN, infinities and signed zeros included; float
+    weights give lerp, which equals where on finite values."""
+    g = torch.Generator().manual_seed(0)
+    v, f = torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0])
+    v[0, :5], f[0, 5:10], f[1, :5], v[1, 5:10] = special, special, special, special
+    v, f = v.to(dtype), f.to(dtype)
+    m = torch.rand(40, 24, generator=g) < 0.5
+    assert torch.equal(select(m, f, v).view(_BITS[dtype]), torch.where(m, f, v).view(_BITS[dtype]))
+    # a broadcast mask goes to where
+    assert torch.equal(select(m[:, :1], f, v).view(_BITS[dtype]), torch.where(m[:, :1], f, v).view(_BITS[dtype]))
+    fin_v, fin_f = torch.nan_to_num(v, posinf=1.0, neginf=-1.0, nan=2.0), torch.nan_to_num(f, posinf=1.0, neginf=-1.0, nan=2.0)
+    assert torch.equal(select(m.to(dtype), fin_f, fin_v), torch.where(m, fin_f, fin_v))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25, 0.3, 0.5, 0.875, 1.0])
+def test_mask_draws_are_bernoulli_p_and_reproducible(p):
+    n, w = 6000, 37  # a width that is not a multiple of the 32-bit words
+    m = _bernoulli(torch.Generator().manual_seed(4), n, w, p)
+    assert m.shape == (n, w) and m.dtype == torch.bool and m.is_contiguous()
+    tol = 5 * (p * (1 - p) / (n * w)) ** 0.5 + 1e-12
+    assert abs(float(m.double().mean()) - p) <= tol
+    cols = m.double().mean(0)
+    assert float((cols - p).abs().max()) <= 5 * (p * (1 - p) / n) ** 0.5 + 1e-12  # every unit, not just the total
+    if 0 < p < 1:  # units independent: two columns agree as often as chance says
+        a, b = m[:, 0].double(), m[:, 1].double()
+        assert abs(float((a * b).mean()) - p * p) <= 5 * (p * p * (1 - p * p) / n) ** 0.5
+    assert torch.equal(_bernoulli(torch.Generator().manual_seed(4), n, w, p), m)
+
+
+def _scripted_pair(tmp_path, seed, n):
+    """A scripted float64 TinyMLP, its data, and its keep-0.5 reduction: (x, path, data, O, R, site order)."""
+    x = inputs_for((6,), n=n, seed=seed)
+    path = save_ts(build(TinyMLP, seed=seed), tmp_path / "o.pt", "script", None)
+    data = write_data(tmp_path / "d.safetensors", x)
+    api.compile(path, tmp_path / "r.pt", calib=data, keep=0.5)
+    o, r = TorchScriptModel(path), TorchScriptModel(tmp_path / "r.pt")
+    return x, path, data, o, r, o.site_order([s.name for s in r.plan.sites])
+
+
+def _site_cache(model, ds, x):
+    """O's clean activations for a downstream cut at the site itself (the reference path)."""
+    with torch.no_grad():
+        _, vals, fronts = model.capture_for([ds], [x])
+    return _Cache(ds, [x], vals, fronts[0])
+
+
+def test_runs_after_the_linear_equal_runs_from_the_site(tmp_path):
+    """O's interchange runs start after the Linear that reads the site, applying its retained
+    columns to the change of the retained units (linearity); equal to cutting at the site and
+    mixing the full-width value, to float64 rounding, and exactly so for the fold-error pass."""
+    x, path, data, o, r, names = _scripted_pair(tmp_path, 5, 90)
+    g = torch.Generator().manual_seed(0)
+    base, source = torch.randint(90, (70,), generator=g), torch.randint(90, (70,), generator=g)
+    masks = {s: torch.rand(70, len(r.plan.site(s).kept), generator=g) < 0.5 for s in names}
+    for group in ([names[0]], [names[1]], names):
+        low, high = prepare_interchange(o, r, group, [x])
+        assert low.downstream.linear is not None  # fc1 → fc2 and fc2 → out are both Linear readers
+        at_site = _downstreams(o, [(group, "")], [x])[0]
+        assert at_site.linear is None
+        plain = _site_cache(o, at_site, x)
+        zl, zh = interchange(low, high, r.plan, o, r, base, source, masks)
+        ref, zh2 = interchange(plain, high, r.plan, o, r, base, source, masks)
+        assert torch.allclose(zl, ref, rtol=1e-12, atol=1e-12) and torch.equal(zh, zh2)
+        assert not torch.equal(zl, zh)  # the reduction changed something: the check is not vacuous
+    rep = api.verify(path, tmp_path / "r.pt", data, swaps=100)
+    assert rep.fold_error < 1e-12
+
+
+def test_non_finite_activations_are_selected_exactly(tmp_path):
+    """An infinite cached activation must not turn into NaN through the lerp or linearity fast
+    paths: those are used only for finite values, and the runs fall back to exact selection."""
+    x, _, _, o, r, names = _scripted_pair(tmp_path, 6, 40)
+    low, high = prepare_interchange(o, r, names, [x])
+    at_site = _downstreams(o, [(names, "")], [x])[0]
+    plain = _site_cache(o, at_site, x)
+    kept = r.plan.site(names[0]).kept
+    for cache in (low, plain):
+        cache.values[names[0]][3, kept[0]] = float("inf")  # sample 3, a retained unit
+        cache.finite.clear()
+    base = torch.tensor([i for i in range(40) if i != 3])
+    source = torch.full((39,), 3)
+    masks = {s: torch.zeros(39, len(r.plan.site(s).kept), dtype=torch.bool) for s in names}
+    masks[names[0]][:, 1:] = True  # take every retained unit but the infinite one from sample 3
+    zl, _ = interchange(low, high, r.plan, o, r, base, source, masks)
+    ref, _ = interchange(plain, high, r.plan, o, r, base, source, masks)
+    assert torch.isfinite(zl).all() and torch.allclose(zl, ref, rtol=1e-12, atol=1e-12)

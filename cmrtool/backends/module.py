@@ -31,6 +31,7 @@ from cmrtool.backends.fxsites import fx_sites
 from cmrtool.backends.patterns import Tap, find_structures, resize_heads
 from cmrtool.errors import UnsupportedModelError
 from cmrtool.plan import Plan
+from cmrtool.swap import select
 from cmrtool.sites import Rejection, Site
 
 __all__ = ["ModuleModel", "HookDownstream"]
@@ -175,8 +176,9 @@ class ModuleModel:
         """``names`` in forward order (the order their consumers are registered in)."""
         return sorted(names, key=lambda n: self._rank[self._taps[n].modules[0]])
 
-    def downstream(self, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> HookDownstream:
-        """The network after the first of ``names`` as a function of its value (a full re-run)."""
+    def downstream(self, names: Sequence[str], inputs: Sequence[torch.Tensor], after_linear: bool = False) -> HookDownstream:
+        """The network after the first of ``names`` as a function of its value (a full re-run;
+        ``after_linear`` is accepted for the TorchScript backend's signature and has no effect)."""
         return HookDownstream(self, self.site_order(names))
 
     def capture_for(
@@ -234,6 +236,8 @@ class HookDownstream:
 
     frontier: tuple[str, ...] = ()
     axes: tuple[Any, ...] = ()
+    reads_inputs = True  # the whole forward re-runs
+    linear = None  # always cut at the site value
 
     def __init__(self, model: ModuleModel, order: list[str]) -> None:
         self.model = model
@@ -275,7 +279,7 @@ def _tap_hook(
         v = x if split is None else x.unflatten(-1, split[:2] if split[2] == "block" else (split[1], split[0]))
         if edit is not None:
             mask, fill = edit
-            v = torch.where(mask, fill.to(v.dtype), v)
+            v = select(mask, fill, v)
         if capture_as is not None:
             values[capture_as] = v
         if edit is None:

@@ -7,7 +7,8 @@ Four verbs (DESIGN §2):
   producer and consumer are ``aten::linear`` or a convolution (``aten::conv2d`` when scripted,
   ``aten::_convolution`` when traced) whose weights are ``prim::GetAttr`` paths from ``self``;
 - **capture** site values by adding graph outputs;
-- **run with site values overridden** by inserting ``where(mask, fill, v)`` after them;
+- **run with site values overridden** by inserting ``where(mask, fill, v)`` after them (or
+  ``lerp(v, fill, mask)`` for 0/1 float weights, the same for finite values and faster on CPU);
 - **write** a reduced checkpoint: load a fresh copy, assign smaller tensors to the submodules
   (``nn.Parameter`` for parameters), embed the plan as the extra file ``cmrtool/plan.json``, and
   ``torch.jit.save`` it atomically.
@@ -120,6 +121,7 @@ class TorchScriptModel:
         self.required_args = sum(1 for a in args if not a.has_default_value())
         self._check_eval_graph()
         self._ranks: dict[tuple[str, tuple[int, ...]], int] = {}
+        self._downstreams: dict[Any, Downstream | None] = {}  # by site names and per-sample input shapes
         self.sites: list[Site] = []
         self.rejected: list[Rejection] = []
         self.unsupported: list[str] = []
@@ -447,12 +449,9 @@ class TorchScriptModel:
 
     # -- running --------------------------------------------------------------------------------
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The model's logits for a batch."""
-        try:
-            out = self.program.function()(*inputs)
-        except RuntimeError as e:
-            raise _input_problem(e, inputs) from e
-        return _logits(out)
+        """The model's logits for a batch (the derived function turns the interpreter's
+        rejections of bad inputs into an InputError)."""
+        return _logits(self.program.function()(*inputs))
 
     def run(
         self,
@@ -465,7 +464,8 @@ class TorchScriptModel:
         Args:
             inputs: the forward arguments.
             capture: names of sites whose values to return (after their edit, if any).
-            edits: site name → ``(mask, fill)``: the site value becomes ``where(mask, fill, v)``;
+            edits: site name → ``(mask, fill)``: the site value becomes ``where(mask, fill, v)``
+                (``lerp(v, fill, mask)`` when the mask holds 0/1 float weights: the same for finite values);
                 or → ``("map", matrix_t, bias)``: it becomes the affine map of its units
                 ``v·matrix_t + bias`` along the unit axis (affine replacements).
 
@@ -478,7 +478,8 @@ class TorchScriptModel:
         map_names = tuple(sorted(n for n, e in edits.items() if len(e) == 3))
         edit_values = tuple(self.site(s).value for s in edit_names)
         map_specs = tuple((self.site(s).value, 1 if self.site(s).kind == "channel" else -1) for s in map_names)
-        fn = self.program.function(outputs=cap_values, edits=edit_values, maps=map_specs)
+        blends = tuple(edits[s][0].is_floating_point() for s in edit_names)
+        fn = self.program.function(outputs=cap_values, edits=edit_values, maps=map_specs, blend_edits=blends)
         args: list[Any] = list(inputs)
         for s in edit_names:
             args.extend(edits[s])
@@ -532,17 +533,58 @@ class TorchScriptModel:
         """``names`` sorted by where their values are computed in the graph."""
         return sorted(names, key=lambda n: self.program.position(self.site(n).value))
 
-    def downstream(self, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> Downstream | None:
+    def downstream(self, names: Sequence[str], inputs: Sequence[torch.Tensor], after_linear: bool = False) -> Downstream | None:
         """The network after the first of ``names`` as a function of its value (see
         :class:`Downstream`), or None when the frontier's batch layout cannot be determined.
 
         Args:
             names: sites; the first in graph order is cut, the others are edited in-graph.
             inputs: an example batch (its first two samples probe the frontier's layout).
+            after_linear: when the first site's only reader is a Linear, cut after that Linear
+                instead (its clean output leads the frontier, and :attr:`Downstream.linear`
+                gives its weight and bias), so a caller can apply it to a change of the site
+                value by linearity.
         """
+        key = (tuple(names), tuple((t.dtype, tuple(t.shape[1:])) for t in inputs), after_linear)
+        if key in self._downstreams:
+            return self._downstreams[key]
+        ds = self._downstreams[key] = self._downstream(names, inputs, after_linear)
+        return ds
+
+    def _linear_reader(self, site: Site) -> tuple[str, str, str | None] | None:
+        """``(output value, weight, bias or None)`` of the Linear that alone reads a unit-last
+        site's value (through value-preserving ops only), at the top level of the graph."""
+        if site.kind == "channel" or site.group != 1 or len(site.consumers) != 1:
+            return None
+        c = site.consumers[0]
+        if c.op != "linear" or c.block != 1:
+            return None
+        v = self.program.find(self.program.graph, site.value)
+        while True:
+            uses = v.uses()
+            if len(uses) != 1 or uses[0].offset != 0:
+                return None
+            node = uses[0].user
+            if node.owningBlock().owningNode() is not None:
+                return None
+            if node.kind() in _LINEAR_OPS:
+                break
+            if node.kind() not in _IDENTITY or len(list(node.outputs())) != 1:
+                return None
+            v = node.output()
+        weight = self._param_name(node.inputsAt(1))
+        bias_value = node.inputsAt(2)
+        bias = None if is_none(bias_value) else self._param_name(bias_value)
+        if weight != c.weight or weight not in self._tensors or (not is_none(bias_value) and (bias is None or bias not in self._tensors)):
+            return None
+        return self.program.handle(node.output()), weight, bias
+
+    def _downstream(self, names: Sequence[str], inputs: Sequence[torch.Tensor], after_linear: bool = False) -> Downstream | None:
         order = self.site_order(names)
         first = self.site(order[0])
-        frontier = self.program.frontier(first.value)
+        reader = self._linear_reader(first) if after_linear else None
+        cut = reader[0] if reader else first.value
+        frontier = ([cut] if reader else []) + self.program.frontier(cut)
         probe = [torch.cat([t[:1], t[:1]]) for t in inputs]
         capture = self.program.function(outputs=tuple(frontier))
         with torch.no_grad():
@@ -561,7 +603,11 @@ class TorchScriptModel:
                 axes.append((diff[0], a.shape[diff[0]]))  # (axis, rows per sample)
             else:
                 return None
-        return Downstream(self, order, tuple(frontier), tuple(axes))
+        linear = None
+        if reader:
+            _, weight, bias = reader
+            linear = (self._tensors[weight], self._tensors[bias] if bias else None)
+        return Downstream(self, order, tuple(frontier), tuple(axes), linear)
 
     def capture_for(
         self, downstreams: Sequence[Downstream], inputs: Sequence[torch.Tensor]
@@ -616,20 +662,34 @@ class Downstream:
     ``capture(inputs)`` returns the clean values of every site and the *frontier* (the upstream
     tensors the rest of the network reads, e.g. a residual stream); ``run`` re-runs only the
     network after the first site, from a (possibly edited) first-site value and a frontier,
-    with the later sites edited in-graph by ``where(mask, fill, v)``. So an interchange
-    intervention costs a downstream pass, not a full forward pass.
+    with the later sites edited in-graph by ``where(mask, fill, v)`` (or ``lerp``). So an
+    interchange intervention costs a downstream pass, not a full forward pass. With
+    :attr:`linear` set, the cut is after the Linear that alone reads the first site, and
+    ``run`` takes that Linear's output instead of the site value.
     """
 
     def __init__(
-        self, model: TorchScriptModel, order: list[str], frontier: tuple[str, ...], axes: tuple[tuple[int, int] | None, ...]
+        self,
+        model: TorchScriptModel,
+        order: list[str],
+        frontier: tuple[str, ...],
+        axes: tuple[tuple[int, int] | None, ...],
+        linear: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> None:
         self.model = model
         self.order = order
         self.frontier = frontier
         self.axes = axes
-        program = model.program
+        #: ``(weight, bias)`` when the cut is after the Linear that reads the first site (see
+        #: :meth:`TorchScriptModel.downstream`): ``run`` then takes that Linear's output, and the
+        #: frontier starts with its clean value.
+        self.linear = linear
         values = tuple(model.site(n).value for n in order)
-        self._run = program.function(cuts=(values[0],) + frontier, edits=values[1:])
+        self._cuts = frontier if linear is not None else (values[0],) + frontier
+        self._edits = values[1:]
+        #: whether the network after the cut reads the model's inputs (else callers may pass
+        #: any tensors of the right kind instead of gathering them per swap)
+        self.reads_inputs: bool = model.program.function(cuts=self._cuts, edits=self._edits).reads_inputs
 
     def capture(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
         """``(logits, {site: clean value}, frontier)`` for a batch."""
@@ -662,12 +722,18 @@ class Downstream:
         frontier: Sequence[torch.Tensor],
         edits: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Logits from the first site's value on: later sites edited by ``edits``."""
+        """Logits from the first site's value on (from its Linear's output for a
+        :attr:`linear` cut, whose ``frontier`` then leaves out that output): later sites edited by ``edits`` (site →
+        ``(mask, fill)``: ``where(mask, fill, v)`` for a boolean mask, ``lerp(v, fill, mask)``
+        for 0/1 float weights; see :func:`cmrtool.swap.select`)."""
         args: list[Any] = [*inputs, first, *frontier]
+        blends = []
         for name in self.order[1:]:
             mask, fill = (edits or {}).get(name, (_NO_EDIT, _NO_EDIT_FILL))
             args.extend((mask, fill))
-        return _logits(self._run(*args))
+            blends.append(mask.is_floating_point())
+        fn = self.model.program.function(cuts=self._cuts, edits=self._edits, blend_edits=blends)
+        return _logits(fn(*args))
 
 
 _NO_EDIT = torch.zeros((), dtype=torch.bool)

@@ -279,6 +279,7 @@ class GraphProgram:
         cuts: Sequence[str] = (),
         moments: Sequence[tuple[str, tuple[int, ...]]] = (),
         maps: Sequence[tuple[str, int]] = (),
+        blend_edits: Sequence[bool] = (),
     ) -> Callable[..., Any]:
         """A callable ``f(*inputs, *cut_values, *[mask, fill per edit], *[matrix_t, bias per map])``.
 
@@ -288,6 +289,9 @@ class GraphProgram:
         Args:
             outputs: value names to return besides the model output (after their edit, if any).
             edits: value names ``v`` to replace by ``where(mask, fill, v)``.
+            blend_edits: per edit, True to take that edit's mask as 0/1 weights of ``v``'s
+                dtype and compute ``lerp(v, fill, mask)`` = ``mask·fill + (1 − mask)·v``: the same
+                values as ``where`` for finite ones, several times faster on CPU.
             cuts: value names replaced by new inputs; upstream work they made dead is removed.
             maps: ``(value name, unit axis)``: replace the value by the affine map of its units
                 ``movedim(movedim(v, axis, -1) @ matrix_t, -1, axis) + bias`` (affine clamps).
@@ -296,7 +300,8 @@ class GraphProgram:
                 two-pass form), and its element count, computed inside the graph so the
                 activation never leaves the executor.
         """
-        key = (tuple(outputs), tuple(edits), tuple(cuts), tuple((n, tuple(d)) for n, d in moments), tuple(maps))
+        blends = tuple(bool(b) for b in blend_edits) if any(blend_edits) else ()
+        key = (tuple(outputs), tuple(edits), tuple(cuts), tuple((n, tuple(d)) for n, d in moments), tuple(maps), blends)
         fn = self._cache.get(key)
         if fn is None:
             fn = self._build(*key)
@@ -310,6 +315,7 @@ class GraphProgram:
         cuts: tuple[str, ...],
         moments: tuple[tuple[str, tuple[int, ...]], ...] = (),
         maps: tuple[tuple[str, int], ...] = (),
+        blend_edits: tuple[bool, ...] = (),
     ) -> Callable[..., Any]:
         g = self.graph.copy()
         find = self._finder(g)
@@ -324,18 +330,19 @@ class GraphProgram:
             v = replaced.get(name) or find(name)
             mask = g.addInput(f"mask_{i}")
             fill = g.addInput(f"fill_{i}")
+            # where(mask, fill, v), or lerp(v, fill, mask) for 0/1 weights
+            op, args = ("aten::lerp", [v, fill, mask]) if i < len(blend_edits) and blend_edits[i] else ("aten::where", [mask, fill, v])
             anchor = v.node() if v.node().kind() != "prim::Param" else None
             if anchor is None:  # an input (e.g. a cut): insert at the top of the graph
                 first = next(iter(g.nodes()))
                 with g.insert_point_guard(first):
-                    w = g.insert("aten::where", [mask, fill, v])
+                    w = g.insert(op, args)
                 w.node().moveBefore(first)
-                v.replaceAllUsesAfterNodeWith(w.node(), w)
             else:
                 with g.insert_point_guard(anchor):
-                    w = g.insert("aten::where", [mask, fill, v])
+                    w = g.insert(op, args)
                 w.node().moveAfter(anchor)
-                v.replaceAllUsesAfterNodeWith(w.node(), w)
+            v.replaceAllUsesAfterNodeWith(w.node(), w)
             replaced[name] = w
         for i, (name, axis) in enumerate(maps):
             v = replaced.get(name) or find(name)
@@ -377,6 +384,7 @@ class GraphProgram:
         owner = self.module._c
 
         n_inputs = len(list(self.graph.inputs())) - 1  # the model's own arguments (minus self)
+        reads_inputs = any(i.uses() for i in list(g.inputs())[1 : 1 + n_inputs])
 
         def call(*args: Any) -> Any:
             try:
@@ -385,4 +393,5 @@ class GraphProgram:
             except RuntimeError as e:  # the interpreter rejected these tensors
                 raise input_problem(e, [a for a in args[:n_inputs] if isinstance(a, torch.Tensor)]) from e
 
+        call.reads_inputs = reads_inputs  # type: ignore[attr-defined]  # False when a cut made them dead
         return call
