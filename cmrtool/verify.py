@@ -364,14 +364,18 @@ def interchange(
         masks: site → boolean ``(b, kept)`` over the site's retained units (1 = take the source).
     """
     z = []
+    as_weights: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # shared by both levels
     for cache, model, level in ((low, low_model, "low"), (high, high_model, "high")):
-        z.append(_intervene(cache, model, plan if level == "low" else None, base, source, masks))
+        z.append(_intervene(cache, model, plan if level == "low" else None, base, source, masks, as_weights))
     return z[0], z[1]
 
 
-def _intervene(cache: _Cache, model: Any, plan: Any, base: torch.Tensor, source: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+def _intervene(
+    cache: _Cache, model: Any, plan: Any, base: torch.Tensor, source: torch.Tensor, masks: dict[str, torch.Tensor],
+    as_weights: dict[tuple[str, torch.dtype], torch.Tensor],
+) -> torch.Tensor:
     """Logits of one level for a batch of swaps (``plan``: given for O, whose site values are
-    full width, None for R)."""
+    full width, None for R; ``as_weights``: the masks already made 0/1 weights)."""
     ds = cache.downstream
     first: torch.Tensor | None = None
     frontier = ds.select(cache.frontier, base)
@@ -384,7 +388,9 @@ def _intervene(cache: _Cache, model: Any, plan: Any, base: torch.Tensor, source:
         # selection, in one vectorised pass (torch's CPU where is ~10× slower).
         finite = cache.is_finite(name) and values.is_floating_point()
         if finite:
-            keep = weights(keep, values.dtype)
+            if (name, values.dtype) not in as_weights:
+                as_weights[name, values.dtype] = weights(keep, values.dtype)
+            keep = as_weights[name, values.dtype]
         if first is None and ds.linear is not None:  # O cut after the Linear reading the site
             clean = frontier[0] if ds.axes[0] is not None else frontier[0].clone()  # gathered, or the cached tensor itself
             first, frontier = _through_linear(cache, name, plan, ds.linear, keep, base, source, clean, finite, site.width), frontier[1:]
