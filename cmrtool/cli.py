@@ -16,7 +16,6 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
