@@ -252,7 +252,7 @@ def verify(
     max_kl: Annotated[Optional[float], typer.Option("--max-kl", help="Fail (exit 3) if any site's or the all-sites interchange KL(low‖high) is above this.", show_default=False)] = None,
     max_fold_error: Annotated[Optional[float], typer.Option("--max-fold-error", help="Fail (exit 3) if max |R(x) − O_clamped(x)| is above this.", show_default=False)] = None,
     onnx: Annotated[Optional[str], typer.Option("--onnx", help="An ONNX export of the reduced model: report onnxruntime vs torch max |diff|.", show_default=False)] = None,
-    batch_size: BatchOpt = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples or swaps per forward pass, at least (passes grow up to 32 MB of cached activations).")] = 256,
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
     json_mode: JsonOpt = None,

@@ -636,7 +636,8 @@ def verify(
         p: probability that a retained unit takes the source's value.
         seed: seed of the swap and mask draws.
         sites: verify only these plan sites (default: every site of the plan).
-        batch_size: samples or swaps per pass.
+        batch_size: samples or swaps per pass, at least: passes grow up to ``_SWAP_BUDGET``
+            bytes of cached activations (results do not depend on it).
         thresholds: bounds that decide ``passed``.
         onnx: an ONNX export of ``reduced`` to compare with it.
         progress: ``progress(description, total, unit)`` context manager yielding ``advance(n)``.
@@ -656,6 +657,8 @@ def verify(
     chosen = original.site_order([s for s in planned if not sites or s in set(sites)])
     if swaps < 1 or not (0.0 <= p <= 1.0):
         raise UsageError(f"need --swaps ≥ 1 and --p in [0, 1], got {swaps} and {p}", "e.g. --swaps 2000 --p 0.5")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}", "e.g. --batch-size 256")
     groups = [([s], s) for s in chosen] + ([(chosen, ALL_SITES)] if len(chosen) > 1 else [])
 
     def prog(desc: str, total: int, unit: str = "samples") -> Any:

@@ -152,6 +152,14 @@ def test_downstream_runs_equal_full_runs_with_edits(name, tmp_path):
         assert torch.allclose(z, full_run, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("args", [["--batch-size", "0"], ["--swaps", "0"], ["--p", "1.5"]])
+def test_cli_bad_settings_are_usage_errors(cli, tmp_path, args):
+    out = tmp_path / "r.pt"
+    assert cli("compile", SAMPLES / "digits_mlp.pt", "--calib", SAMPLES / "calib.safetensors", "--keep", "0.5", "-o", out).code == 0
+    bad = cli("verify", SAMPLES / "digits_mlp.pt", out, "--data", SAMPLES / "eval.safetensors", *args)
+    assert bad.code == 2 and "error:" in bad.err and "hint:" in bad.err and "Traceback" not in bad.err
+
+
 def test_onnx_parity(tmp_path):
     out = tmp_path / "r.pt"
     api.compile(SAMPLES / "digits_mlp.pt", out, calib=SAMPLES / "calib.safetensors", keep=0.5, onnx=tmp_path / "r.onnx")
