@@ -300,3 +300,18 @@ def test_non_finite_activations_are_selected_exactly(tmp_path):
     zl, _ = interchange(low, high, r.plan, o, r, base, source, masks)
     ref, _ = interchange(plain, high, r.plan, o, r, base, source, masks)
     assert torch.isfinite(zl).all() and torch.allclose(zl, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_linear_cut_whose_layout_cannot_be_told_falls_back_to_the_site(tmp_path, monkeypatch):
+    x, _, _, o, _, names = _scripted_pair(tmp_path, 7, 30)
+    probe = TorchScriptModel._batch_axes
+    seen = []
+
+    def picky(self, values, inputs):
+        seen.append(tuple(values))
+        return None if len(seen) == 1 else probe(self, values, inputs)  # the first probe is the Linear cut's
+
+    monkeypatch.setattr(TorchScriptModel, "_batch_axes", picky)
+    ds = o.downstream([names[0]], [x], after_linear=True)
+    assert ds is not None and ds.linear is None and len(seen) == 2
+    assert o.downstream([names[0]], [x], after_linear=False) is not None

@@ -583,10 +583,23 @@ class TorchScriptModel:
         order = self.site_order(names)
         first = self.site(order[0])
         reader = self._linear_reader(first) if after_linear else None
-        cut = reader[0] if reader else first.value
-        frontier = ([cut] if reader else []) + self.program.frontier(cut)
+        if reader:
+            frontier = [reader[0], *self.program.frontier(reader[0])]
+            axes = self._batch_axes(frontier, inputs)
+            if axes is not None:
+                _, weight, bias = reader
+                linear = (self._tensors[weight], self._tensors[bias] if bias else None)
+                return Downstream(self, order, tuple(frontier), axes, linear)
+        frontier = self.program.frontier(first.value)  # cut at the site itself
+        axes = self._batch_axes(frontier, inputs)
+        return None if axes is None else Downstream(self, order, tuple(frontier), axes)
+
+    def _batch_axes(self, values: Sequence[str], inputs: Sequence[torch.Tensor]) -> tuple[tuple[int, int] | None, ...] | None:
+        """Per value, ``(axis, rows per sample)`` of its batch axis, or None for a batch-independent
+        one, probed by running one sample and the same sample twice; None when a value's layout
+        cannot be told."""
         probe = [torch.cat([t[:1], t[:1]]) for t in inputs]
-        capture = self.program.function(outputs=tuple(frontier))
+        capture = self.program.function(outputs=tuple(values))
         with torch.no_grad():
             one = capture(*[t[:1] for t in inputs])[1:]
             two = capture(*probe)[1:]
@@ -603,11 +616,7 @@ class TorchScriptModel:
                 axes.append((diff[0], a.shape[diff[0]]))  # (axis, rows per sample)
             else:
                 return None
-        linear = None
-        if reader:
-            _, weight, bias = reader
-            linear = (self._tensors[weight], self._tensors[bias] if bias else None)
-        return Downstream(self, order, tuple(frontier), tuple(axes), linear)
+        return tuple(axes)
 
     def capture_for(
         self, downstreams: Sequence[Downstream], inputs: Sequence[torch.Tensor]
