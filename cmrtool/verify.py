@@ -318,6 +318,13 @@ class _Cache:
             self.memo[key] = torch.tensor(plan.site(name).kept, dtype=torch.int64)
         return self.memo[key]
 
+    def retained(self, name: str, plan: Any) -> torch.Tensor:
+        """The retained units' columns of every sample's value of site ``name`` (made once)."""
+        key = f"retained:{name}"
+        if key not in self.memo:
+            self.memo[key] = self.values[name].index_select(-1, self.kept(name, plan)).contiguous()
+        return self.memo[key]
+
     def is_finite(self, name: str) -> bool:
         """Whether every cached value of site ``name`` is finite (checked once)."""
         if name not in self.finite:
@@ -442,11 +449,11 @@ def _through_linear(
     if not finite or plan is None or len(plan.site(name).kept) == width:  # (nothing to save when all are retained)
         full = keep if plan is None else _full_width(cache, name, plan, keep, width)
         return F.linear(_mix("unit", full, cache.values[name], base, source), weight, bias)
-    kept = cache.kept(name, plan)
+    retained = cache.retained(name, plan)
     key = f"linear:{name}"
-    if key not in cache.memo:  # the retained units of every sample and W's retained columns, once
-        cache.memo[key] = (cache.values[name].index_select(-1, kept).contiguous(), weight.index_select(1, kept).t().contiguous())
-    retained, w_kept = cache.memo[key]
+    if key not in cache.memo:  # W's retained columns, once
+        cache.memo[key] = weight.index_select(1, cache.kept(name, plan)).t().contiguous()
+    w_kept = cache.memo[key]
     change = retained.index_select(0, source).sub_(retained.index_select(0, base)).mul_(_unit_mask("unit", keep, retained.dim()))
     if clean.is_contiguous():  # clean is this call's own gather: accumulate into it
         clean.view(-1, clean.shape[-1]).addmm_(change.view(-1, change.shape[-1]), w_kept)
@@ -458,15 +465,9 @@ def _mix_retained(cache: _Cache, name: str, plan: Any, w: torch.Tensor, base: to
     """:func:`_mix` for O's full-width value of a unit-last site, mixing only the retained
     units: the base's rows, with the retained columns lerped towards the source's (``w``: 0/1
     weights over the retained units). Less memory traffic than a full-width mask."""
-    kept = cache.kept(name, plan)
-    values = cache.values[name]
-    key = f"retained:{name}"
-    if key not in cache.memo:  # the retained columns of every sample, once
-        cache.memo[key] = values.index_select(-1, kept).contiguous()
-    retained = cache.memo[key]
-    out = values.index_select(0, base)
+    values, retained = cache.values[name], cache.retained(name, plan)
     mixed = retained.index_select(0, base).lerp_(retained.index_select(0, source), _unit_mask("unit", w, values.dim()))
-    return out.index_copy_(-1, kept, mixed)
+    return values.index_select(0, base).index_copy_(-1, cache.kept(name, plan), mixed)
 
 
 def _mix(kind: str, keep: torch.Tensor, values: torch.Tensor, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
