@@ -289,9 +289,16 @@ def compile(
 
     plan = plan_reduction(model, data, chosen, report, keep, keep_count, round_to, schedule, progress or _no_progress, **options)
     plan = dataclasses.replace(plan, source_sha256=model.sha256)
+    choice = None
     if kind == "dir":
         from cmrtool.backends.hf import check_dir_output
+        from cmrtool.backends.hfout import choose_dir_output
 
+        choice = choose_dir_output(model, plan)  # constants the config cannot hold: another family, or deleted
+        plan = choice.plan
+        for note in choice.notes:
+            if warn:
+                warn(note)
         check_dir_output(model, plan)  # uniform widths and a config that can express them
     check = None
     if data is not None:
@@ -299,7 +306,10 @@ def compile(
         plan = dataclasses.replace(plan, settings=plan.settings + (("input_shapes", shapes),))
         if check_samples > 0:
             check = list(data.read(0, min(data.n, check_samples)).inputs)
-    return compile_model(model, plan, output, check, onnx)
+    result = compile_model(model, plan, output, check, onnx)
+    if choice is not None:
+        result = dataclasses.replace(result, written_as=choice.written_as, notes=choice.notes + result.notes)
+    return result
 
 
 def _check_output_format(model: Any, out: Path, kind: str) -> None:

@@ -323,6 +323,8 @@ class CompileReport:
     fold_error: FoldError | None = None
     notes: tuple[str, ...] = field(default=())
     onnx: OnnxReport | None = None
+    written_as: str | None = None  # a Hugging Face directory: the stock class that loads it
+
 
     def to_json(self) -> dict[str, Any]:
         fe = self.fold_error
@@ -340,6 +342,7 @@ class CompileReport:
             "notes": list(self.notes),
             "onnx": None if self.onnx is None else self.onnx.to_json(),
             "onnx_max_abs_diff": None if self.onnx is None else self.onnx.max_abs_diff,
+            "written_as": self.written_as,
         }
 
 

@@ -145,18 +145,27 @@ def test_directory_output_refuses_what_config_json_cannot_express(hf, tmp_path):
     assert r.fold_error.relative <= 1e-10
 
 
-def test_a_config_without_bias_flags_takes_zero_replacements(hf, tmp_path):
+def test_a_config_without_bias_flags_is_written_as_llama_or_deletes(hf, tmp_path):
+    """Mistral has no mlp_bias: without a sliding window shorter than its context it is written as
+    the equivalent LlamaForSequenceClassification; with one, the units are deleted (zero), with a note."""
     dirs, data = hf
-    mistral = transformers.MistralConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=16, num_labels=3, pad_token_id=0, initializer_range=0.4,
-    )
-    transformers.AutoModelForSequenceClassification.from_config(mistral).double().save_pretrained(str(tmp_path / "m"))
-    with pytest.raises(UsageError, match="MistralConfig has no 'mlp_bias'") as e:
-        api.compile(tmp_path / "m", f"{tmp_path}/a/", calib=data, keep=0.5)
-    assert "--replacement zero" in e.value.hint and "reduced.safetensors" in e.value.hint
-    r = api.compile(tmp_path / "m", f"{tmp_path}/b/", calib=data, keep=0.5, replacement="zero")
-    assert r.fold_error.relative <= 1e-10
+    def mistral(window):
+        c = transformers.MistralConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4, sliding_window=window,
+            num_key_value_heads=2, max_position_embeddings=16, num_labels=3, pad_token_id=0, initializer_range=0.4,
+        )
+        return transformers.AutoModelForSequenceClassification.from_config(c).double()
+    mistral(None).save_pretrained(str(tmp_path / "m"))
+    r = api.compile(tmp_path / "m", f"{tmp_path}/a/", calib=data, keep=0.5)
+    assert r.fold_error.relative <= 1e-10 and r.written_as == "LlamaForSequenceClassification" and "written as" in r.notes[0]
+    stock = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "a"), local_files_only=True)
+    assert type(stock).__name__ == "LlamaForSequenceClassification" and stock.model.layers[0].mlp.down_proj.bias is not None
+    mistral(4).save_pretrained(str(tmp_path / "w"))  # a window of 4 < 9 tokens: LLaMA would differ
+    warned = []
+    r = api.compile(tmp_path / "w", f"{tmp_path}/b/", calib=data, keep=0.5, warn=warned.append)
+    assert r.fold_error.relative <= 1e-10 and r.written_as == "MistralForSequenceClassification"
+    assert len(warned) == 1 and "deleted (--replacement zero)" in warned[0] and r.notes[0] == warned[0]
+    assert all(not any(s.replacement.values) for s in r.plan.sites)
     stock = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "b"), local_files_only=True)
     assert stock.model.layers[0].mlp.down_proj.bias is None and stock.config.intermediate_size == 12
 

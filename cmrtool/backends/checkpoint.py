@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cmrtool.backends.layouts import split_views
 from cmrtool.errors import InputError, UsageError
 from cmrtool.io import require_file, sha256_file
 from cmrtool.plan import Plan
@@ -142,11 +143,11 @@ def load_reduced(path: str | Path, arch: str | None = None) -> Any:
     base = ModuleModel(build_module(arch, hf_text), path, "", arch=arch, hf_config=_hf_config(arch, hf_text))
     expected = fold(base.tensors(), base.sites, plan)
     names = set(base.module.state_dict()) | set(expected.added)
-    want = {k: tuple(v.shape) for k, v in expected.tensors.items() if k in names}
+    want = {k: tuple(v.shape) for k, v in base.stock(expected.tensors).items() if k in names}
     state = _read_tensors(path)
     params = dict(base.module.named_parameters(remove_duplicate=False))
     _check_state(state, want, params, f"{path} does not match its plan for --arch {arch}")
-    module = base.reduced_module(state, plan, in_place=True)
+    module = base.reduced_module(split_views(state, base.views), plan, in_place=True)  # the file is in stock layout
     return ModuleModel(module, path, sha256_file(path), arch=arch, plan=plan, hf_config=base.hf_config)
 
 

@@ -17,7 +17,6 @@ names the outputs that work (``-o reduced.safetensors`` or ``-o reduced.onnx``).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -118,13 +117,6 @@ def build_from_config(class_name: str, text: str) -> Any:
     return _model_class(class_name)(config_from_json(class_name, text))
 
 
-def _set(config: Any, key: str, value: Any, why: str) -> None:
-    if not hasattr(config, key):
-        fold_nothing = ", fold nothing (--replacement zero)," if key.endswith("_bias") else ""
-        raise UsageError(f"{type(config).__name__} has no '{key}', so config.json cannot express {why}", f"keep those units{fold_nothing} {_OUTPUTS}")
-    setattr(config, key, value)
-
-
 def require_hf_input(model: Any) -> None:
     """A Hugging Face directory can only be written for a model read from one."""
     if getattr(model, "hf_config", None) is None:
@@ -134,44 +126,19 @@ def require_hf_input(model: Any) -> None:
 
 def check_dir_output(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[int, ...]], set[str]]:
     """The reduced model's config, the tensor shapes it implies (from an instance on the meta
-    device), and its tied aliases; or an error saying why a directory cannot hold the model."""
+    device), and its tied aliases; or an error saying why a directory cannot hold the model.
+    The config, and the family it is written as, come from :func:`cmrtool.backends.hfout.reduced_config`."""
+    from cmrtool.backends.hfout import reduced_config
+
     require_hf_input(model)
-    planned = {sp.name: sp for sp in plan.sites}
-    config = copy.deepcopy(model.hf_config)
-    for kind, label in (("neuron", "FFN"), ("head", "attention")):
-        sites = [s for s in model.sites if s.kind == kind]
-        widths = {len(planned[s.name].kept) if s.name in planned else s.width for s in sites}
-        mine = [s for s in sites if s.name in planned]
-        if not mine:
-            continue
-        if len(widths) > 1:
-            raise UsageError(
-                f"a Hugging Face directory needs the same {label} width in every layer, and the plan gives {', '.join(map(str, sorted(widths)))}",
-                f"keep the same number of units in every layer (--keep-count N, or --keep with --round-to), {_OUTPUTS}",
-            )
-        width = widths.pop()
-        # A bias must appear where a nonzero constant is folded into a consumer that has none.
-        new_bias = any(c.fold_mode == "new-bias" and any(planned[s.name].replacement.values) for s in mine for c in s.consumers)
-        if kind == "neuron":
-            _set(config, "intermediate_size", width, "a smaller FFN")
-            if new_bias:
-                _set(config, "mlp_bias", True, "the bias of down_proj that holds the folded constants")
-            continue
-        head_dim = mine[0].producers[2].group
-        config.num_attention_heads = width * mine[0].group // head_dim
-        if hasattr(config, "num_key_value_heads"):
-            config.num_key_value_heads = width
-        config.head_dim = head_dim
-        if new_bias:
-            _set(config, "attention_bias", True, "the bias of o_proj that holds the folded head outputs")
-    config.architectures = [type(model.module).__name__]
+    config, cls = reduced_config(model, plan)
     with torch.device("meta"):  # shapes only: which tensors the new config makes, and how large
-        fresh = type(model.module)(config)
+        fresh = cls(config)
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     for sp in plan.sites:
         site = model.site(sp.name)
         rows = len(sp.kept) * site.producers[0].group
-        if want.get(site.producers[0].name, (rows,))[0] != rows:
+        if want.get(site.producers[0].name, (rows,))[0] != rows:  # a piece of a fused tensor is checked when written
             raise UsageError(
                 f"{type(config).__name__} derives the head size from hidden_size / num_attention_heads, so config.json cannot express removed heads"
                 if site.kind == "head" else f"config.json of {type(config).__name__} cannot express the reduced {site.producers[0].name}",
@@ -190,6 +157,8 @@ def write_dir(model: Any, path: str | Path, tensors: Mapping[str, torch.Tensor],
     from cmrtool.backends.checkpoint import ARCH_KEY, PLAN_KEY, unique_tensors
 
     config, want, tied = check_dir_output(model, plan)
+    canonical_added = set(tensors) - set(model.tensors())
+    tensors = model.stock(tensors)  # in the stock layout (transposed / fused / stacked back)
     state: dict[str, torch.Tensor] = {}
     for k, shape in want.items():
         t = tensors.get(k)
@@ -202,7 +171,7 @@ def write_dir(model: Any, path: str | Path, tensors: Mapping[str, torch.Tensor],
         if tuple(t.shape) != shape:
             raise UsageError(f"config.json cannot express the reduced {k}: shape {tuple(t.shape)}, the config gives {shape}", f"keep those units {_OUTPUTS}")
         state[k] = t
-    source, added = set(model.module.state_dict()), set(tensors) - set(model.tensors())
+    source, added = set(model.module.state_dict()), {k.split("#", 1)[0] for k in canonical_added}
     extra = [k for k in tensors if k not in want and (k in source or (k in added and bool(tensors[k].any())))]
     if extra:
         raise UsageError(f"{type(config).__name__} cannot hold {extra[0]} (a bias the folded constants need)", f"use --replacement zero to fold nothing, {_OUTPUTS}")

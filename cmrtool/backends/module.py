@@ -27,7 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cmrtool.backends.experts import tap_experts
+from cmrtool.backends.familysites import family_structures, resize_family_heads, sync_family_shapes
 from cmrtool.backends.fxsites import fx_sites
+from cmrtool.backends.layouts import View, join_views, split_views
 from cmrtool.backends.patterns import Tap, find_structures, resize_heads
 from cmrtool.errors import UnsupportedModelError
 from cmrtool.plan import Plan
@@ -76,7 +79,9 @@ class ModuleModel:
         self.unsupported: list[str] = []
         self.notes: list[str] = []
         self._taps: dict[str, Tap] = {}
+        self.views: list[View] = []  # stock tensors seen in Linear layout (cmrtool.backends.layouts)
         self._discover()
+        self._canonical_params = set(split_views(self._params, self.views))
 
     # -- discovery ------------------------------------------------------------------------------
     def _discover(self) -> None:
@@ -85,22 +90,25 @@ class ModuleModel:
         if config is None:  # Hugging Face forwards do not trace; their layouts are known
             traced, self.notes = fx_sites(self.module)
             found += traced
-        for item in find_structures(self.module, config):
+        for item in [*family_structures(self.module, config), *find_structures(self.module, config)]:
             if isinstance(item, str):
                 self.unsupported.append(item)
+            elif isinstance(item, View):
+                self.views.append(item)
             else:
                 found.append(item)
-        tapped: set[str] = set()
+        tapped: set[tuple[str, int | None]] = set()
         for item in found:
             if isinstance(item, Rejection):
                 if item not in self.rejected:
                     self.rejected.append(item)
                 continue
             site, tap = item
-            if site.name in self._taps or tapped & set(tap.modules):
+            keys = {(m, tap.expert) for m in tap.modules}
+            if site.name in self._taps or tapped & keys:
                 continue
             self._taps[site.name] = tap
-            tapped |= set(tap.modules)
+            tapped |= keys
             self.sites.append(site)
         self.sites.sort(key=lambda s: self._rank[self._taps[s.name].modules[0]])
 
@@ -120,8 +128,14 @@ class ModuleModel:
 
     # -- tensors --------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        """All parameters and buffers by fully qualified name (detached, not copies)."""
-        return {k: v.detach() for k, v in {**self._params, **dict(self.module.named_buffers())}.items()}
+        """All parameters and buffers by fully qualified name (detached, not copies), in Linear
+        layout: a viewed tensor appears as its canonical pieces (:mod:`cmrtool.backends.layouts`)."""
+        stock = {k: v.detach() for k, v in {**self._params, **dict(self.module.named_buffers())}.items()}
+        return split_views(stock, self.views)
+
+    def stock(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Canonical tensors (from :meth:`tensors`, possibly folded) in the module's own layout."""
+        return join_views(tensors, self.views)
 
     def fresh_module(self) -> nn.Module:
         """An independent copy of the module (bench converts it to another device or dtype)."""
@@ -132,14 +146,14 @@ class ModuleModel:
         from cmrtool.backends.checkpoint import assign_tensors
 
         module = copy.deepcopy(self.module)
-        assign_tensors(module, {k: v.detach().clone() for k, v in tensors.items()})
+        assign_tensors(module, {k: v.detach().clone() for k, v in self.stock(tensors).items()})
         return ModuleModel(module, self.path, self.sha256, arch=self.arch, hf_config=self.hf_config, fmt=self.format)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self._params.values())
 
     def is_parameter(self, name: str) -> bool:
-        return name in self._params
+        return name in self._canonical_params
 
     # -- running --------------------------------------------------------------------------------
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -159,17 +173,23 @@ class ModuleModel:
         """
         edits = dict(edits or {})
         values: dict[str, torch.Tensor] = {}
-        handles = []
+        undo: list[Any] = []
+        experts: dict[str, dict[int, Any]] = {}
         try:
             for name in dict.fromkeys([*capture, *edits]):
                 tap = self._taps[name]
                 for i, (mod, split) in enumerate(zip(tap.modules, tap.splits)):
                     hook = _tap_hook(split, edits.get(name), values, name if i == 0 and name in capture else None)
-                    handles.append(self.module.get_submodule(mod).register_forward_pre_hook(hook))
+                    if tap.expert is not None:
+                        experts.setdefault(mod, {})[tap.expert] = hook
+                    else:
+                        undo.append(self.module.get_submodule(mod).register_forward_pre_hook(hook).remove)
+            for mod, hooks in experts.items():
+                undo.append(tap_experts(self.module.get_submodule(mod), hooks))
             out = self.module(*inputs, **self.call_kwargs)
         finally:
-            for h in handles:
-                h.remove()
+            for u in undo:
+                u()
         return output_tensor(out), values
 
     def site_order(self, names: Sequence[str]) -> list[str]:
@@ -195,12 +215,13 @@ class ModuleModel:
         from cmrtool.backends.checkpoint import assign_tensors, sync_shapes
 
         module = self.module if in_place else copy.deepcopy(self.module)
-        assign_tensors(module, tensors)
+        assign_tensors(module, self.stock(tensors))
         for sp in plan.sites:
             site = self.site(sp.name)
-            if site.kind == "head":
+            if site.kind == "head" and not resize_family_heads(module, site, len(sp.kept)):
                 resize_heads(module, site, len(sp.kept))
         sync_shapes(module)
+        sync_family_shapes(module)
         return module.eval()
 
     def write(self, path: str | Path, tensors: Mapping[str, torch.Tensor], plan: Plan) -> None:

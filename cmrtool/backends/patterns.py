@@ -15,7 +15,8 @@ they are made of; every site is read and written at its consumer's input (a :cla
 A head owns ``head_dim`` rows of q/k/v and the same block of o_proj columns. With grouped-query
 attention (fewer key/value heads than query heads) a unit is a whole **key/value group**: one
 k/v head and the query heads that share it, so the model keeps a valid GQA layout. GPT-2's
-``Conv1D`` layers (transposed weights, fused q/k/v) are reported as not supported.
+``Conv1D`` layers and other families' layouts are in the family table
+(:mod:`cmrtool.backends.families`, sites by :mod:`cmrtool.backends.familysites`).
 
 Structures are recognized by module names and types, not by reading forward code; a module
 whose forward does something else is caught by compile's fold-error check, which requires an
@@ -30,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from cmrtool.backends.families import layer_of
 from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
 
 __all__ = ["Tap", "find_structures", "resize_heads", "HEAD_COUNT_ATTRS"]
@@ -54,6 +56,7 @@ class Tap:
 
     modules: tuple[str, ...]
     splits: tuple[tuple[int, int, str] | None, ...]
+    expert: int | None = None  # a bank of fused experts: the value of this expert (cmrtool.backends.experts)
 
 
 def _linear(m: Any) -> bool:
@@ -201,7 +204,8 @@ def find_structures(root: nn.Module, config: Any = None) -> Iterator[tuple[Site,
         elif isinstance(mod, (nn.MultiheadAttention, nn.RNNBase)):
             yield f"{type(mod).__name__} ({name})"
     for parent in sorted(conv1d_parents):
-        yield Rejection(parent, "GPT-2 style Conv1D layers (transposed weights, fused q/k/v) are not supported")
+        if layer_of(root.get_submodule(parent)) is None:  # the family table's layouts are found there
+            yield Rejection(parent, "Conv1D layers (transposed weights) of a layout the family table does not list")
 
 
 def resize_heads(root: nn.Module, site: Site, kept: int) -> None:
