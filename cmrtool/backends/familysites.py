@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from cmrtool.backends.families import Layer, layer_of
@@ -27,7 +28,7 @@ from cmrtool.backends.layouts import View, piece
 from cmrtool.backends.patterns import Tap
 from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
 
-__all__ = ["family_structures", "resize_family_heads", "sync_family_shapes"]
+__all__ = ["family_structures", "resize_family_heads", "sync_family_shapes", "eager_experts"]
 
 Found = tuple[Site, Tap] | Rejection | View
 
@@ -164,3 +165,14 @@ def sync_family_shapes(root: nn.Module) -> None:
         layer = layer_of(m)
         if layer is not None and layer.experts and isinstance(getattr(m, "intermediate_dim", None), int):
             m.intermediate_dim = int(getattr(m, layer.consumer).shape[2])
+
+
+def eager_experts(root: nn.Module) -> None:
+    """Run fused experts with transformers' eager loop when the dtype is float64: the default
+    ``grouped_mm`` kernel takes float32/16 only, and cmrtool checks folds in float64."""
+    for m in root.modules():
+        layer = layer_of(m)
+        config = getattr(m, "config", None)
+        weight = getattr(m, layer.producer, None) if layer is not None and layer.experts else None
+        if weight is not None and weight.dtype == torch.float64 and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = "eager"

@@ -86,9 +86,11 @@ def choose_dir_output(model: Any, plan: Plan) -> DirChoice:
         notes.append(f"{label}'s config.json cannot hold folded constants: written as {written_as}, an exactly equivalent stock family whose config can (checked by the fold error)")
     if zeroed:
         kinds = sorted({model.site(n).kind for n in zeroed})
+        experts = any("#" in (c.fold_target or "") for n in zeroed for c in model.site(n).consumers)
         notes.append(
-            f"{label}'s config.json has no bias for the folded constants of {len(zeroed)} {'/'.join(kinds)} site(s) "
-            "(e.g. bias-free experts): those units are deleted (--replacement zero) instead"
+            f"{label}'s config.json has no bias for the folded constants of {len(zeroed)} {'/'.join(kinds)} site(s)"
+            f"{' (expert layers are bias-free)' if experts else ''}: their replaced units are deleted (--replacement zero) instead; "
+            "-o reduced.safetensors keeps the folded constants"
         )
         sites = tuple(
             dataclasses.replace(sp, replacement=Replacement("constant", (0.0,) * len(sp.replacement.values))) if sp.name in zeroed else sp

@@ -103,9 +103,9 @@ def join_views(tensors: Mapping[str, torch.Tensor], views: Sequence[View]) -> di
         elif "#" not in k:
             out[k] = t
         elif bool(t.any()):
-            layer = k.split("#", 1)[0]
+            layer, label = k.split("#", 1)
             raise UsageError(
-                f"{layer} has no bias to hold the folded constants of {k.split('#', 1)[1].split('.', 1)[0]!s} (expert layers are bias-free)",
+                f"{layer} has no bias to hold the folded constants of expert {label.split('.', 1)[0]} (expert layers are bias-free)",
                 "use --replacement zero to fold nothing there, or write a Hugging Face directory (-o reduced/), which does so automatically",
             )
     return out

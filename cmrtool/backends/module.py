@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cmrtool.backends.experts import tap_experts
-from cmrtool.backends.familysites import family_structures, resize_family_heads, sync_family_shapes
+from cmrtool.backends.familysites import eager_experts, family_structures, resize_family_heads, sync_family_shapes
 from cmrtool.backends.fxsites import fx_sites
 from cmrtool.backends.layouts import View, join_views, split_views
 from cmrtool.backends.patterns import Tap, find_structures, resize_heads
@@ -69,6 +69,7 @@ class ModuleModel:
         hf_config: Any = None, fmt: str = "safetensors",
     ) -> None:
         self.module = module.eval().requires_grad_(False)
+        eager_experts(module)
         self.path, self.sha256, self.arch, self.plan, self.hf_config, self.format = str(path), sha256, arch, plan, hf_config, fmt
         self._params = dict(module.named_parameters())
         self.dtype = next((p.dtype for p in self._params.values() if p.is_floating_point()), torch.float32)
