@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from cmrtool import __version__
-from cmrtool.errors import InputError
+from cmrtool.errors import InputError, UsageError
 from cmrtool.swap import select, weights
 
 __all__ = ["SiteResult", "VerifyReport", "Thresholds", "verify", "wilson", "margin_certificate", "interchange", "prepare_interchange"]
@@ -601,6 +601,19 @@ def _clamped(
     return z if _all_finite(z) else run(edits)
 
 
+def _per_sample_sites(model: Any, names: list[str]) -> tuple[list[str], list[str]]:
+    """``names`` split into sites whose value has a row per sample, and the others (MoE experts:
+    one row per routed token), which interchange between samples cannot swap."""
+    per_sample = getattr(model, "per_sample", None)
+    routed = [n for n in names if per_sample is not None and not per_sample(n)]
+    if routed and len(routed) == len(names):
+        raise UsageError(
+            f"site {routed[0]} is an expert FFN: its value exists for routed tokens only, so interchange between samples is undefined",
+            "verify the plan's other sites with --site (compile's fold check already proved the experts' fold exact)",
+        )
+    return [n for n in names if n not in routed], routed
+
+
 def _downstreams(model: Any, groups: Sequence[tuple[list[str], str]], example: Sequence[torch.Tensor], after_linear: bool = False) -> list[Any]:
     out = []
     for names, _ in groups:
@@ -656,6 +669,7 @@ def verify(
         if unknown:
             raise InputError(f"site {unknown[0]} is not in the reduced model's plan", f"planned sites: {', '.join(planned)}")
     chosen = original.site_order([s for s in planned if not sites or s in set(sites)])
+    chosen, routed = _per_sample_sites(original, chosen)
     if swaps < 1 or not (0.0 <= p <= 1.0):
         raise UsageError(f"need --swaps ≥ 1 and --p in [0, 1], got {swaps} and {p}", "e.g. --swaps 2000 --p 0.5")
     if batch_size < 1:
@@ -753,7 +767,7 @@ def verify(
         failures += [f"KL {r.kl:.4f} > {thresholds.max_kl} at {r.name}" for r in checked if r.kl > thresholds.max_kl]
     if thresholds.max_fold_error is not None and fe > thresholds.max_fold_error:
         failures.append(f"fold error {fe:.3g} > {thresholds.max_fold_error}")
-    notes = []
+    notes = [f"{len(routed)} expert site(s) are clamped in the fidelity checks but not interchanged: their values exist for routed tokens only"] if routed else []
     if any(original.site(s.name).fold == "interior-exact" for s in plan.sites if s.replaced):
         notes.append("interior-exact sites: the fold error includes the zero-padding border effect")
     if not all(r.certificate_holds for r in checked):

@@ -185,3 +185,18 @@ def test_cli_notice_and_report(root, cli):
     assert r.err.count("warning:") == 1 and "deleted" in r.err
     d = r.json()
     assert d["written_as"] == "GemmaForCausalLM" and "deleted" in d["notes"][0]
+
+
+def test_verify_interchanges_per_sample_sites_and_clamps_experts(root, tmp_path):
+    """Expert values have a row per routed token, not per sample: verify clamps them in the
+    fidelity pass and interchanges the other sites; a plan of experts only is a usage error."""
+    _results(root, "mixtral")
+    data = root / "data.safetensors"
+    with pytest.raises(UsageError, match="expert FFN") as e:
+        api.verify(root / "mixtral", root / "mixtral-neuron", data, swaps=8)
+    assert "--site" in e.value.hint
+    both = api.compile(root / "mixtral", f"{tmp_path}/both/", calib=data, kinds=["neuron", "head"], keep=0.5)
+    v = api.verify(root / "mixtral", tmp_path / "both", data, swaps=8)
+    assert v.fold_error_relative <= 1e-10
+    assert [s.name for s in v.sites] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert "8 expert site(s)" in v.notes[0] and len(both.plan.sites) == 10

@@ -193,6 +193,10 @@ class ModuleModel:
                 u()
         return output_tensor(out), values
 
+    def per_sample(self, name: str) -> bool:
+        """The site's value has a row per sample (not an expert's, which has one per routed token)."""
+        return self._taps[name].expert is None
+
     def site_order(self, names: Sequence[str]) -> list[str]:
         """``names`` in forward order (the order their consumers are registered in)."""
         return sorted(names, key=lambda n: self._rank[self._taps[n].modules[0]])
