@@ -127,7 +127,7 @@ def _table(root: Path) -> str:
         r = _results(root, name)
         cells = [r[k].get(c, "—") for k in ("neuron", "head") for c in ("discover", "fold", "reload", "as")]
         if not r["head"]:
-            cells[4] = "✗ (fused q/k/v not in the table)"
+            cells[4] = "✗ (multi-query fused q/k/v)"
         lines.append(f"| {family_of(make()).label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

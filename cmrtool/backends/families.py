@@ -95,7 +95,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma-2", ("gemma2",), mlp_bias=None),
     Family(
         "Phi-3", ("phi3",), mlp_bias=None, attention_bias=None,
-        layers={"Phi3MLP": Layer("neuron", "gate_up_proj", "down_proj", act="activation_fn", gated=True, fused=("gate", "up"))},
+        layers={
+            "Phi3MLP": Layer("neuron", "gate_up_proj", "down_proj", act="activation_fn", gated=True, fused=("gate", "up")),
+            "Phi3Attention": Layer("head", "qkv_proj", "o_proj", fused=("q", "k", "v")),
+        },
     ),
     Family(
         "GPT-2", ("gpt2",), widths=(("", "n_inner"),), mlp_bias=ALWAYS, attention_bias=ALWAYS, heads_in_config=False,

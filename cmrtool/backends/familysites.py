@@ -9,8 +9,9 @@ folding sees every producer as rows and every consumer as columns, whatever the 
 - a bank of experts: one site per expert, ``<experts>.<e>``, read at expert e's value
   (:mod:`cmrtool.backends.experts`); its down projection has no bias, so its replaced units can
   only be deleted (zero replacement) in a stock checkpoint;
-- attention with a fused q/k/v producer: thirds (GPT-2 ``c_attn``; pieces ``#q/#k/#v``, head h owns
-  ``head_dim`` rows of each) or per-head blocks (GPT-NeoX ``query_key_value``, viewed as
+- attention with a fused q/k/v producer: q, k, v blocks (GPT-2 ``c_attn`` in thirds, Phi-3
+  ``qkv_proj`` in the proportions g : 1 : 1 of grouped-query attention; pieces ``#q/#k/#v``; a unit
+  is a key/value head with its g query heads) or per-head blocks (GPT-NeoX ``query_key_value``, viewed as
   ``(heads, 3·head_dim)``: head h owns rows ``3·hd·h … 3·hd·h+3·hd−1``); the output projection's
   ``head_dim`` columns per head are the consumer block (CMR A.6, Proposition 10).
 """
@@ -37,7 +38,7 @@ def _weight(m: Any) -> Any:
     return getattr(m, "weight", None)
 
 
-def _views(name: str, m: nn.Module, layer: Layer, labels: tuple[str, ...] = ()) -> list[View]:
+def _views(name: str, m: nn.Module, layer: Layer, labels: tuple[str, ...] = (), ratio: tuple[int, ...] = ()) -> list[View]:
     """Views of a producer/consumer module's weight and bias (transposed, cut into ``labels``)."""
     out = []
     for leaf in ("weight", "bias"):
@@ -46,7 +47,7 @@ def _views(name: str, m: nn.Module, layer: Layer, labels: tuple[str, ...] = ()) 
             continue
         transposed = layer.transposed and leaf == "weight"
         if transposed or labels:
-            out.append(View(f"{name}.{leaf}", transpose=transposed, labels=labels))
+            out.append(View(f"{name}.{leaf}", transpose=transposed, labels=labels, ratio=ratio))
     return out
 
 
@@ -113,19 +114,22 @@ def _fused_heads(name: str, mod: nn.Module, layer: Layer, config: Any) -> Iterat
         yield Rejection(name, f"{type(mod).__name__}: no fused q/k/v projection with a known head size (cross-attention is not supported)")
         return
     qn, on = f"{name}.{layer.producer}", f"{name}.{layer.consumer}"
-    yield from _views(qn, qkv, layer, layer.fused)
-    yield from _views(on, out, layer)
-    rows = qkv.weight.shape[-1 if layer.transposed else 0]
-    if rows % (3 * hd):
-        yield Rejection(name, f"{qn} has {rows} outputs, not q, k and v of heads of size {hd}")
+    rows = qkv.weight.shape[-1 if layer.transposed else 0] // hd  # q, k and v heads together
+    kv = getattr(mod, "num_key_value_heads", None)
+    kv = kv if isinstance(kv, int) and kv > 0 else rows // 3
+    g = (rows - 2 * kv) // kv  # query heads per key/value head (1 without grouped-query attention)
+    if rows % hd or g < 1 or (g + 2) * kv != rows:
+        yield Rejection(name, f"{qn} does not split into q, k and v heads of size {hd}")
         return
-    heads = rows // (3 * hd)
+    yield from _views(qn, qkv, layer, layer.fused, (g, 1, 1) if layer.fused else ())
+    yield from _views(on, out, layer)
     if layer.per_head:  # [q_h; k_h; v_h] per head: one block of 3·hd rows per unit
         producers = _producer_slices(qn, qkv, group=3 * hd)
-    else:
-        producers = [s for lb in layer.fused for s in _producer_slices(qn, qkv, lb, group=hd)]
-    site = Site(name=name, kind="head", width=heads, producers=tuple(producers), consumers=(_consumer(on, out, block=hd),),
-                activation="attention", value=on, group=hd)
+    else:  # a unit is a key/value head and its g query heads
+        producers = [s for lb, n in zip(layer.fused, (g, 1, 1)) for s in _producer_slices(qn, qkv, lb, group=n * hd)]
+    notes = (f"grouped-query attention: a unit is a key/value group of {g} query heads",) if g > 1 else ()
+    site = Site(name=name, kind="head", width=kv, producers=tuple(producers), consumers=(_consumer(on, out, block=g * hd),),
+                activation="attention", value=on, group=g * hd, notes=notes)
     yield site, Tap((on,), (None,))
 
 
@@ -149,9 +153,14 @@ def resize_family_heads(root: nn.Module, site: Site, kept: int) -> bool:
     layer = layer_of(mod)
     if layer is None or layer.kind != "head":
         return False
+    groups = getattr(mod, "num_key_value_groups", 1)
     for attr in ("num_heads", "num_attention_heads"):
         if isinstance(getattr(mod, attr, None), int):
-            setattr(mod, attr, kept)
+            setattr(mod, attr, kept * groups)
+    if isinstance(getattr(mod, "num_key_value_heads", None), int):
+        mod.num_key_value_heads = kept
+    if isinstance(getattr(getattr(mod, "config", None), "num_attention_heads", None), int):
+        mod.config.num_attention_heads = kept * groups  # Phi-3 reads the query width from its config
     if isinstance(getattr(mod, "split_size", None), int):  # GPT-2 splits c_attn's output by this
         mod.split_size = kept * site.group
     return True

@@ -10,6 +10,8 @@ written back as a directory that stock ``from_pretrained`` loads — ``config.js
 and ``mlp_bias`` / ``attention_bias`` set where a folded constant needs a bias that the
 architecture lacks (the other biases that flag creates are written as zeros), ``model.safetensors``
 with the plan in its metadata, ``cmrtool_plan.json``, and the input's other files (tokenizer…).
+Which config fields hold each family's widths and biases, and the family a model is written as
+when its own config cannot hold a folded constant, come from :mod:`cmrtool.backends.hfout`.
 Architectures that derive the head size from ``hidden_size / num_attention_heads`` (BERT, ViT)
 cannot express removed heads in their config; those and non-uniform widths get an error that
 names the outputs that work (``-o reduced.safetensors`` or ``-o reduced.onnx``).

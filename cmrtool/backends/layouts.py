@@ -7,7 +7,8 @@ inputs (``u = W a + b``). Some families store weights otherwise; each such param
 - ``transpose``: GPT-2's ``Conv1D`` stores ``W`` as ``(in, out)``, so the canonical tensor is ``Wᵀ``;
 - ``labels``: a fused parameter is cut along its rows into named pieces, e.g. Phi-3's
   ``gate_up_proj`` into ``gate`` (the first half) and ``up`` (the second), GPT-2's ``c_attn`` into
-  ``q``, ``k`` and ``v`` thirds (always equal blocks);
+  ``q``, ``k`` and ``v`` thirds, Phi-3's ``qkv_proj`` into q, k, v in the proportions of
+  query heads to key/value heads;
 - ``experts``: a 3-D parameter ``(E, out, in)`` (Mixtral, Qwen-MoE in transformers 5) is one
   ``(out, in)`` piece per expert, each cut further by ``sizes``.
 
@@ -39,15 +40,23 @@ def piece(source: str, label: str) -> str:
 class View:
     """How one stock tensor ``source`` appears as canonical pieces.
 
-    ``labels`` name equal row blocks (one unnamed piece when empty; equal blocks, so a reduced
-    tensor splits the same way); ``experts`` > 0 splits the leading axis first (piece
-    ``<e>.<label>``, or ``<e>`` without labels).
+    ``labels`` name row blocks in the proportions ``ratio`` (equal blocks when empty), so a
+    tensor reduced by whole units splits the same way (one unnamed piece without labels);
+    ``experts`` > 0 splits the leading axis first (piece ``<e>.<label>``, or ``<e>``).
     """
 
     source: str
     transpose: bool = False
     labels: tuple[str, ...] = ()
     experts: int = 0
+    ratio: tuple[int, ...] = ()
+
+    def _blocks(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.labels:
+            return (t,)
+        ratio = self.ratio or (1,) * len(self.labels)
+        unit = t.shape[0] // sum(ratio)
+        return t.split([r * unit for r in ratio], 0)
 
     def names(self) -> list[str]:
         """The canonical names, in join order."""
@@ -58,7 +67,7 @@ class View:
     def split(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
         t = t.T if self.transpose else t
         blocks = list(t.unbind(0)) if self.experts else [t]
-        parts = [c for b in blocks for c in (b.chunk(len(self.labels), 0) if self.labels else (b,))]
+        parts = [c for b in blocks for c in self._blocks(b)]
         return dict(zip(self.names(), parts))
 
     def join(self, pieces: Mapping[str, torch.Tensor]) -> torch.Tensor:
