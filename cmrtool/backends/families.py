@@ -42,10 +42,12 @@ class Layer:
         kind: ``neuron`` (an FFN) or ``head`` (attention).
         producer: attribute of the producing Linear/Conv1D (or 3-D parameter, for experts).
         consumer: attribute of the consuming Linear/Conv1D (or 3-D parameter).
-        act: attribute of the activation module; ``gated`` when the producer fuses gate and up.
+        act: attribute of the activation module.
+        gated: the FFN is ``act(gate) * up`` (the producer fuses gate and up).
         transposed: weights stored ``(in, out)`` (``Conv1D``).
-        fused: labels of equal row blocks of a fused producer, e.g. ``("gate", "up")`` or
-            ``("q", "k", "v")``; ``per-head`` for q/k/v interleaved per head.
+        fused: labels of the row blocks of a fused producer, e.g. ``("gate", "up")`` or
+            ``("q", "k", "v")`` (q : k : v in the proportions of query to key/value heads).
+        per_head: q/k/v interleaved per head, ``[q_h; k_h; v_h]`` (GPT-NeoX).
         experts: the producer/consumer are ``(E, out, in)`` parameters, one FFN per expert.
     """
 

@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from cmrtool.backends.families import ALWAYS, Family, family_of, width_field
+from cmrtool.backends.hf import _OUTPUTS, transformers_module
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.sites import Site
 
 __all__ = ["DirChoice", "choose_dir_output", "reduced_config"]
 
-_OUTPUTS = "or write -o reduced.safetensors (cmrtool rebuilds it: cmrtool.load_reduced) or -o reduced.onnx"
 _DEFAULT_FLAGS = {"neuron": "mlp_bias", "head": "attention_bias"}
 
 
@@ -128,8 +128,6 @@ def _set(config: Any, key: str, value: Any, why: str) -> None:
 
 def reduced_config(model: Any, plan: Plan) -> tuple[Any, type]:
     """The reduced model's config and the stock class that loads it (maybe another family's)."""
-    from cmrtool.backends.hf import transformers_module
-
     planned = {sp.name: sp for sp in plan.sites}
     config, family = copy.deepcopy(model.hf_config), family_of(model.hf_config)
     by_field: dict[str, list[Site]] = {}
