@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cmrtool.errors import InputError, UsageError
+from cmrtool.noreplace import allow_replace, exists_error, may_replace, rename_dir_noreplace
 
 __all__ = [
     "STDIO",
@@ -125,6 +126,8 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: b
         raise InputError(f"output directory is not writable: {parent}", "choose a directory you can write to")
     if out.exists() and not force:
         raise UsageError(f"output {out} already exists", "pass --force to replace it, or choose another name")
+    if force:
+        allow_replace(out)  # the final link may replace it; without --force it never does
     return out
 
 
@@ -178,10 +181,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        if dest.exists():
+        if may_replace(dest) and dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)
-        os.replace(tmp, dest)
+        try:
+            rename_dir_noreplace(tmp, dest)
+        except FileExistsError:
+            raise exists_error(dest) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not dest.exists():
@@ -193,8 +199,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
+def atomic_write(path: str | Path, replace: bool | None = None) -> Iterator[Path]:
     """Yield a path to write the output through; the output appears at ``path`` only on success.
+
+    An existing ``path`` is replaced only when ``replace`` is true (None: when
+    :func:`check_output_path` was given ``force`` for it); otherwise the final link fails with
+    "already exists", even when the file appeared while the output was being written.
 
     Guarantees (Linux, on filesystems with ``O_TMPFILE``: ext4, xfs, btrfs, tmpfs):
 
@@ -221,7 +231,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     directory = dest.parent if str(dest.parent) else Path(".")
     fd = _unnamed_file(directory)
     if fd is None:
-        with _named_temp(dest, directory) as tmp:
+        with _named_temp(dest, directory, may_replace(dest) if replace is None else replace) as tmp:
             yield tmp
         return
     alias = f"/proc/self/fd/{fd}"
@@ -236,7 +246,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         yield Path(alias)
         _PENDING.discard(alias)
         try:
-            _link_into_place(fd, alias, dest.name, dir_fd)
+            _link_into_place(fd, alias, dest.name, dir_fd, may_replace(dest) if replace is None else replace)
+        except FileExistsError:
+            raise exists_error(dest) from None
         except OSError as e:
             raise _unwritable(directory, e) from e
     finally:
@@ -245,12 +257,15 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         os.close(fd)  # an unnamed file that was never linked vanishes here
 
 
-def _link_into_place(fd: int, alias: str, name: str, dir_fd: int) -> None:
-    """fsync the unnamed file and give it ``name`` (replacing an existing file atomically)."""
+def _link_into_place(fd: int, alias: str, name: str, dir_fd: int, replace: bool) -> None:
+    """fsync the unnamed file and give it ``name``; an existing file is replaced (atomically)
+    only when ``replace`` (``--force``), else ``FileExistsError`` (:mod:`cmrtool.noreplace`)."""
     os.fsync(fd)
     try:
         os.link(alias, name, dst_dir_fd=dir_fd)  # linkat(..., AT_SYMLINK_FOLLOW)
     except FileExistsError:  # --force over an existing output: link aside, then rename over it
+        if not replace:
+            raise
         hidden = _hidden_name(Path(name))
         os.link(alias, hidden, dst_dir_fd=dir_fd)
         try:
@@ -264,7 +279,7 @@ def _link_into_place(fd: int, alias: str, name: str, dir_fd: int) -> None:
 
 
 @contextlib.contextmanager
-def _named_temp(dest: Path, directory: Path) -> Iterator[Path]:
+def _named_temp(dest: Path, directory: Path, replace: bool) -> Iterator[Path]:
     """The portable fallback of :func:`atomic_write`: a hidden temp file renamed into place."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=directory)
@@ -278,7 +293,14 @@ def _named_temp(dest: Path, directory: Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp_path, dest)
+        if replace:
+            os.replace(tmp_path, dest)
+        else:
+            try:
+                os.link(tmp_path, dest)  # fails if the name appeared meanwhile
+            except FileExistsError:
+                raise exists_error(dest) from None
+            tmp_path.unlink()
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
