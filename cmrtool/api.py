@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 from cmrtool.errors import UsageError
+from cmrtool.options import check_affine, check_at_least, check_thresholds
 
 __all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "verify", "bench", "audit", "sweep", "ProgressFactory", "default_threads", "usable_cpus"]
 
@@ -154,6 +155,7 @@ def score(
     get_criterion(criterion)
     check_curvature(curvature)
     check_loss(loss)
+    check_affine(parents, ridge)
     model = open_model(path, arch)
     model.require_sites()
     chosen = select_sites(model.sites, sites, kinds)
@@ -227,6 +229,8 @@ def compile(
         raise UsageError(f"unknown replacement '{replacement}'", f"choose one of: {', '.join(REPLACEMENT_MODES)}")
     check_curvature(curvature)
     check_loss(loss)
+    check_affine(parents, ridge)
+    check_at_least("--check-samples", check_samples, 0, "256 (0 skips the fold check)")
     if schedule < 1:
         raise UsageError(f"--schedule must be at least 1, got {schedule}", "e.g. --schedule 4 re-scores after each of 4 steps")
     score_path = scores if isinstance(scores, (str, Path)) else None
@@ -243,6 +247,8 @@ def compile(
     if str(output) == "-":
         raise UsageError("compile cannot write the model to stdout", "give a file name with -o, e.g. -o reduced.pt")
     kind = output_kind(output)
+    if kind == "file" and not Path(str(output)).suffix and Path(str(path)).is_dir():
+        kind, output = "dir", str(output) + os.sep  # like save_pretrained: a Hugging Face input's -o NAME is a directory
     if (kind == "onnx" or onnx is not None) and (calib is None or check_samples < 1):
         raise UsageError("ONNX export needs example inputs", "pass --calib (and --check-samples ≥ 1): its first samples are exported and checked with onnxruntime")
     inputs = _input_files(path, calib, score_path)
@@ -365,13 +371,24 @@ def verify(
     from cmrtool.verify import verify as run_verify
 
     _single_stdin(original, reduced, data)
+    check_thresholds(min_iia, max_kl, max_fold_error)
     o = open_model(original, arch)
     r = open_model(reduced, arch if str(reduced).endswith(".safetensors") else None)
     ds = open_data(data, o)
+    if onnx is not None:
+        from cmrtool.onnxcheck import check_onnx_plan
+
+        check_onnx_plan(onnx, r)
     report = run_verify(
         o, r, ds, swaps=swaps, p=p, seed=seed, sites=sites, batch_size=batch_size,
         thresholds=Thresholds(min_iia, max_kl, max_fold_error), onnx=None if onnx is None else str(onnx), progress=progress,
     )
+    if onnx is not None:
+        from cmrtool.onnxcheck import onnx_failure
+
+        failed = onnx_failure(report.onnx_max_abs_diff)
+        if failed:
+            report = dataclasses.replace(report, failures=(*report.failures, failed))
     report.inputs["data"] = sha256_file(data)
     if onnx is not None:
         report.inputs["onnx"] = sha256_file(onnx)

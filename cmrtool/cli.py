@@ -85,7 +85,9 @@ def _output(json_mode: bool | None, quiet: bool) -> Any:
 
 def _setup(threads: int | None) -> None:
     from cmrtool.api import configure
+    from cmrtool.options import check_at_least
 
+    check_at_least("--threads", threads, 1, "4 (default: usable CPUs, at most 4)")
     configure(threads)
 
 

@@ -171,16 +171,23 @@ def _umask() -> int:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``path``; move it to ``path`` on success.
 
-    An existing ``path`` (allowed by ``--force``) is replaced only once the new one is complete.
-    On any exception the temporary directory is removed and ``path`` is left as it was.
+    An existing ``path`` (allowed by ``--force``) is replaced only once the new one is complete;
+    without it the final rename fails if ``path`` appeared meanwhile. On any exception the
+    temporary directory is removed and ``path`` is left as it was; one left by a SIGKILL is
+    removed by the next run into the same directory (:mod:`cmrtool.partials`).
     """
     import shutil
 
+    from cmrtool.partials import owned_partial, remove_stale_partials, set_default_modes
+
     dest = Path(path)
+    remove_stale_partials(dest.parent)  # left by a SIGKILLed run (cmrtool.partials)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     old: Path | None = None
     try:
-        yield tmp
+        with owned_partial(tmp):
+            yield tmp
+        set_default_modes(tmp, _umask())
         if may_replace(dest) and dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)

@@ -654,7 +654,7 @@ def verify(
     if sites:
         unknown = [s for s in sites if s not in planned]
         if unknown:
-            raise InputError(f"site {unknown[0]} is not in the reduced model's plan", f"planned sites: {', '.join(planned)}")
+            raise UsageError(f"site {unknown[0]} is not in the reduced model's plan", f"planned sites: {', '.join(planned)}")
     chosen = original.site_order([s for s in planned if not sites or s in set(sites)])
     if swaps < 1 or not (0.0 <= p <= 1.0):
         raise UsageError(f"need --swaps ≥ 1 and --p in [0, 1], got {swaps} and {p}", "e.g. --swaps 2000 --p 0.5")
