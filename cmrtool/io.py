@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cmrtool.errors import InputError, UsageError
+from cmrtool.interrupts import commit_point
 from cmrtool.noreplace import allow_replace, exists_error, may_replace, rename_dir_noreplace
 
 __all__ = [
@@ -104,6 +105,7 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: b
     ``force``).
     """
     out = Path(output)
+    _check_name_length(out)
     for inp in inputs:
         if str(inp) == STDIO:
             continue
@@ -129,6 +131,22 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: b
     if force:
         allow_replace(out)  # the final link may replace it; without --force it never does
     return out
+
+
+def _check_name_length(out: Path) -> None:
+    """An output name the filesystem cannot hold (with room for the hidden temporary name,
+    ``.NAME.XXXXXXXX.partial``) is a usage error, found before any work."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    room = name_max - len(_hidden_name(out)) + len(out.name)
+    if len(out.name.encode()) > room or len(os.fsencode(str(out.absolute()))) >= 4096:
+        raise UsageError(
+            f"output name is too long ({len(out.name.encode())} bytes; this filesystem allows {room} here)",
+            "choose a shorter file name",
+        )
 
 
 _PENDING: set[str] = set()  # paths yielded by atomic_write that are still being written
@@ -185,14 +203,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     old: Path | None = None
     try:
-        with owned_partial(tmp):
-            yield tmp
+        try:
+            with owned_partial(tmp):
+                yield tmp
+        except OSError as e:
+            if e.errno in _NO_SPACE_OR_RIGHTS:
+                raise _unwritable(dest.parent, e) from e
+            raise
         set_default_modes(tmp, _umask())
         if may_replace(dest) and dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)
         try:
-            rename_dir_noreplace(tmp, dest)
+            with commit_point():
+                rename_dir_noreplace(tmp, dest)
         except FileExistsError:
             raise exists_error(dest) from None
     except BaseException:
@@ -250,10 +274,16 @@ def atomic_write(path: str | Path, replace: bool | None = None) -> Iterator[Path
         os.close(fd)
         raise _unwritable(directory, e) from e
     try:
-        yield Path(alias)
+        try:
+            yield Path(alias)
+        except OSError as e:  # ENOSPC, EDQUOT… while writing: a bad-input message, not a crash
+            if e.errno in _NO_SPACE_OR_RIGHTS:
+                raise _unwritable(directory, e) from e
+            raise
         _PENDING.discard(alias)
         try:
-            _link_into_place(fd, alias, dest.name, dir_fd, may_replace(dest) if replace is None else replace)
+            with commit_point():
+                _link_into_place(fd, alias, dest.name, dir_fd, may_replace(dest) if replace is None else replace)
         except FileExistsError:
             raise exists_error(dest) from None
         except OSError as e:
@@ -297,16 +327,23 @@ def _named_temp(dest: Path, directory: Path, replace: bool) -> Iterator[Path]:
     tmp_path = Path(tmp)
     _PENDING.add(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp_path, dest)
-        else:
-            try:
-                os.link(tmp_path, dest)  # fails if the name appeared meanwhile
-            except FileExistsError:
-                raise exists_error(dest) from None
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in _NO_SPACE_OR_RIGHTS:
+                raise _unwritable(directory, e) from e
+            raise
+        with commit_point():
+            if replace:
+                os.replace(tmp_path, dest)
+            else:
+                try:
+                    os.link(tmp_path, dest)  # fails if the name appeared meanwhile
+                except FileExistsError:
+                    raise exists_error(dest) from None
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
     except BaseException:
         with contextlib.suppress(OSError):

@@ -33,6 +33,7 @@ from torch import nn
 
 from cmrtool.backends.tsgraph import GraphProgram, const_value, is_none, iter_nodes, real_uses
 from cmrtool.errors import InputError, UnsupportedModelError
+from cmrtool.integrity import check_zip_crc
 from cmrtool.io import STDIO, read_bytes, require_file, sha256_bytes, sha256_file, write_with
 from cmrtool.plan import Plan
 from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
@@ -130,6 +131,7 @@ class TorchScriptModel:
     # -- loading --------------------------------------------------------------------------------
     def _load(self) -> tuple[Any, str]:
         extra = {PLAN_FILE: ""}
+        check_zip_crc(self.path, self._bytes)  # torch.jit.load does not check it
         src: Any = io.BytesIO(self._bytes) if self._bytes is not None else self.path
         try:
             module = torch.jit.load(src, map_location="cpu", _extra_files=extra)
