@@ -205,6 +205,11 @@ def assign_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], stric
         owner_path, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_path)
         p = params.get(name)
+        if p is not None and p.is_floating_point() and not t.is_floating_point():
+            raise InputError(
+                f"{what + ': ' if what else ''}weight {name} has dtype {str(t.dtype).removeprefix('torch.')}, and the model's parameters are floating point",
+                "save the weights in float32 (or float16/bfloat16/float64); quantized integer weights are not supported",
+            )
         if p is not None:
             p.data = t
         elif name in buffers or leaf in owner._buffers:
