@@ -86,11 +86,12 @@ def configure(threads: int | None = None) -> None:
     tune_malloc()
 
 
-def open_model(path: str | Path, arch: str | None = None) -> Any:
-    """Load a checkpoint with the right backend (see :mod:`cmrtool.backends`)."""
+def open_model(path: str | Path, arch: str | None = None, data: str | Path | None = None) -> Any:
+    """Load a checkpoint with the right backend (see :mod:`cmrtool.backends`); ``data`` supplies
+    a TorchScript model's non-tensor arguments (:mod:`cmrtool.backends.tsargs`)."""
     from cmrtool.backends import load_model
 
-    return load_model(path, arch)
+    return load_model(path, arch, data)
 
 
 def _parse_shape(text: str) -> list[int]:
@@ -119,7 +120,7 @@ def inspect(
     from cmrtool.inspection import example_inputs, inspect_model
 
     _single_stdin(path, calib)
-    model = open_model(path, arch)
+    model = open_model(path, arch, calib)
     inputs = None
     if calib is not None:
         inputs = list(open_data(calib, model).read(0, 1).inputs)
@@ -156,7 +157,7 @@ def score(
     check_curvature(curvature)
     check_loss(loss)
     check_affine(parents, ridge)
-    model = open_model(path, arch)
+    model = open_model(path, arch, calib)
     model.require_sites()
     chosen = select_sites(model.sites, sites, kinds)
     data = open_data(calib, model)
@@ -258,7 +259,7 @@ def compile(
             raise UsageError(f"--onnx {onnx} does not end in .onnx", "e.g. --onnx reduced.onnx")
         check_output_path(onnx, [*inputs, out], force)
 
-    model = open_model(path, arch)
+    model = open_model(path, arch, calib)
     model.require_sites()
     _check_output_format(model, out, kind)
     explicit = bool(sites)
@@ -372,8 +373,8 @@ def verify(
 
     _single_stdin(original, reduced, data)
     check_thresholds(min_iia, max_kl, max_fold_error)
-    o = open_model(original, arch)
-    r = open_model(reduced, arch if str(reduced).endswith(".safetensors") else None)
+    o = open_model(original, arch, data)
+    r = open_model(reduced, arch if str(reduced).endswith(".safetensors") else None, data)
     ds = open_data(data, o)
     if onnx is not None:
         from cmrtool.onnxcheck import check_onnx_plan
@@ -449,7 +450,7 @@ def audit(
     if seeds < 1 or validate < 0:
         raise UsageError("--seeds must be at least 1 and --validate at least 0", "e.g. --seeds 10 --validate 64")
     _single_stdin(path, calib)
-    model = open_model(path, arch)
+    model = open_model(path, arch, calib)
     model.require_sites()
     chosen = select_sites(model.sites, sites, None)
     data = open_data(calib, model)
