@@ -48,7 +48,7 @@ app = typer.Typer(
         "cmrtool inspect samples/digits_mlp.pt --calib samples/calib.safetensors",
         "cmrtool score samples/digits_mlp.pt --calib samples/calib.safetensors --json > scores.json",
         "cmrtool compile samples/digits_mlp.pt --calib samples/calib.safetensors --keep 0.5 -o reduced.pt",
-        "cmrtool verify samples/digits_mlp.pt reduced.pt --data samples/eval.safetensors --min-iia 0.5",
+        "cmrtool verify samples/digits_mlp.pt reduced.pt --data samples/eval.safetensors --min-iia 0.4",
         "cmrtool bench samples/digits_mlp.pt reduced.pt --data samples/calib.safetensors",
         "cmrtool sweep samples/digits_mlp.pt --calib samples/calib.safetensors --data samples/eval.safetensors --plot sweep.png",
     ),
