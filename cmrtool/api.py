@@ -217,7 +217,7 @@ def compile(
     from cmrtool.criteria import REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
     from cmrtool.errors import InputError
-    from cmrtool.io import check_output_path, read_bytes
+    from cmrtool.io import check_output_name, check_output_path, read_bytes
     from cmrtool.scoring import ScoreReport, select_sites
     from cmrtool.selection import kept_width, validate_keep
     from cmrtool.sensitivity import check_curvature, check_loss
@@ -247,6 +247,7 @@ def compile(
     _single_stdin(path, calib, score_path)
     if str(output) == "-":
         raise UsageError("compile cannot write the model to stdout", "give a file name with -o, e.g. -o reduced.pt")
+    check_output_name(output)  # before any stat of it: ENAMETOOLONG is a usage error
     kind = output_kind(output)
     if kind == "file" and not Path(str(output)).suffix and Path(str(path)).is_dir():
         kind, output = "dir", str(output) + os.sep  # like save_pretrained: a Hugging Face input's -o NAME is a directory

@@ -30,6 +30,7 @@ __all__ = [
     "sha256_bytes",
     "require_file",
     "check_output_path",
+    "check_output_name",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_dir",
@@ -105,7 +106,7 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: b
     ``force``).
     """
     out = Path(output)
-    _check_name_length(out)
+    check_output_name(out)
     for inp in inputs:
         if str(inp) == STDIO:
             continue
@@ -133,9 +134,10 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: b
     return out
 
 
-def _check_name_length(out: Path) -> None:
+def check_output_name(out: str | Path) -> None:
     """An output name the filesystem cannot hold (with room for the hidden temporary name,
     ``.NAME.XXXXXXXX.partial``) is a usage error, found before any work."""
+    out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         name_max = os.pathconf(parent, "PC_NAME_MAX")
