@@ -515,4 +515,9 @@ def run() -> None:
     except KeyboardInterrupt:  # a signal between main()'s handlers: still a clean exit
         code = 130
     interrupts.ignore_from_now()
-    sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    # The outcome is decided and reported: exit with exactly that code. (A Ctrl-C that Python saw
+    # during start-up would otherwise turn the exit into a death by SIGINT, exit -2, at shutdown.)
+    os._exit(code)
