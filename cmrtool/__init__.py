@@ -6,9 +6,15 @@ The library is the product; the ``cmrtool`` command is a thin client over it. He
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
+
+if sys.argv[:1] == ["-m"] and __name__ == "cmrtool":  # ``python -m cmrtool`` is starting: Ctrl-C is
+    from cmrtool.interrupts import install_early  # recorded from here on (cmrtool.interrupts),
+
+    install_early()  # not raised inside the imports; a library import leaves signals alone
 
 __all__ = ["__version__", "load_reduced"]
 

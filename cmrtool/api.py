@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 from cmrtool.errors import UsageError
+from cmrtool.options import check_affine, check_at_least, check_thresholds
 
 __all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "verify", "bench", "audit", "sweep", "ProgressFactory", "default_threads", "usable_cpus"]
 
@@ -85,11 +86,12 @@ def configure(threads: int | None = None) -> None:
     tune_malloc()
 
 
-def open_model(path: str | Path, arch: str | None = None) -> Any:
-    """Load a checkpoint with the right backend (see :mod:`cmrtool.backends`)."""
+def open_model(path: str | Path, arch: str | None = None, data: str | Path | None = None) -> Any:
+    """Load a checkpoint with the right backend (see :mod:`cmrtool.backends`); ``data`` supplies
+    a TorchScript model's non-tensor arguments (:mod:`cmrtool.backends.tsargs`)."""
     from cmrtool.backends import load_model
 
-    return load_model(path, arch)
+    return load_model(path, arch, data)
 
 
 def _parse_shape(text: str) -> list[int]:
@@ -118,7 +120,7 @@ def inspect(
     from cmrtool.inspection import example_inputs, inspect_model
 
     _single_stdin(path, calib)
-    model = open_model(path, arch)
+    model = open_model(path, arch, calib)
     inputs = None
     if calib is not None:
         inputs = list(open_data(calib, model).read(0, 1).inputs)
@@ -154,7 +156,8 @@ def score(
     get_criterion(criterion)
     check_curvature(curvature)
     check_loss(loss)
-    model = open_model(path, arch)
+    check_affine(parents, ridge)
+    model = open_model(path, arch, calib)
     model.require_sites()
     chosen = select_sites(model.sites, sites, kinds)
     data = open_data(calib, model)
@@ -214,7 +217,7 @@ def compile(
     from cmrtool.criteria import REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
     from cmrtool.errors import InputError
-    from cmrtool.io import check_output_path, read_bytes
+    from cmrtool.io import check_output_name, check_output_path, read_bytes
     from cmrtool.scoring import ScoreReport, select_sites
     from cmrtool.selection import kept_width, validate_keep
     from cmrtool.sensitivity import check_curvature, check_loss
@@ -227,6 +230,8 @@ def compile(
         raise UsageError(f"unknown replacement '{replacement}'", f"choose one of: {', '.join(REPLACEMENT_MODES)}")
     check_curvature(curvature)
     check_loss(loss)
+    check_affine(parents, ridge)
+    check_at_least("--check-samples", check_samples, 0, "256 (0 skips the fold check)")
     if schedule < 1:
         raise UsageError(f"--schedule must be at least 1, got {schedule}", "e.g. --schedule 4 re-scores after each of 4 steps")
     score_path = scores if isinstance(scores, (str, Path)) else None
@@ -242,7 +247,10 @@ def compile(
     _single_stdin(path, calib, score_path)
     if str(output) == "-":
         raise UsageError("compile cannot write the model to stdout", "give a file name with -o, e.g. -o reduced.pt")
+    check_output_name(output)  # before any stat of it: ENAMETOOLONG is a usage error
     kind = output_kind(output)
+    if kind == "file" and not Path(str(output)).suffix and Path(str(path)).is_dir():
+        kind, output = "dir", str(output) + os.sep  # like save_pretrained: a Hugging Face input's -o NAME is a directory
     if (kind == "onnx" or onnx is not None) and (calib is None or check_samples < 1):
         raise UsageError("ONNX export needs example inputs", "pass --calib (and --check-samples ≥ 1): its first samples are exported and checked with onnxruntime")
     inputs = _input_files(path, calib, score_path)
@@ -252,7 +260,7 @@ def compile(
             raise UsageError(f"--onnx {onnx} does not end in .onnx", "e.g. --onnx reduced.onnx")
         check_output_path(onnx, [*inputs, out], force)
 
-    model = open_model(path, arch)
+    model = open_model(path, arch, calib)
     model.require_sites()
     _check_output_format(model, out, kind)
     explicit = bool(sites)
@@ -375,13 +383,24 @@ def verify(
     from cmrtool.verify import verify as run_verify
 
     _single_stdin(original, reduced, data)
-    o = open_model(original, arch)
-    r = open_model(reduced, arch if str(reduced).endswith(".safetensors") else None)
+    check_thresholds(min_iia, max_kl, max_fold_error)
+    o = open_model(original, arch, data)
+    r = open_model(reduced, arch if str(reduced).endswith(".safetensors") else None, data)
     ds = open_data(data, o)
+    if onnx is not None:
+        from cmrtool.onnxcheck import check_onnx_plan
+
+        check_onnx_plan(onnx, r)
     report = run_verify(
         o, r, ds, swaps=swaps, p=p, seed=seed, sites=sites, batch_size=batch_size,
         thresholds=Thresholds(min_iia, max_kl, max_fold_error), onnx=None if onnx is None else str(onnx), progress=progress,
     )
+    if onnx is not None:
+        from cmrtool.onnxcheck import onnx_failure
+
+        failed = onnx_failure(report.onnx_max_abs_diff)
+        if failed:
+            report = dataclasses.replace(report, failures=(*report.failures, failed))
     report.inputs["data"] = sha256_file(data)
     if onnx is not None:
         report.inputs["onnx"] = sha256_file(onnx)
@@ -442,7 +461,7 @@ def audit(
     if seeds < 1 or validate < 0:
         raise UsageError("--seeds must be at least 1 and --validate at least 0", "e.g. --seeds 10 --validate 64")
     _single_stdin(path, calib)
-    model = open_model(path, arch)
+    model = open_model(path, arch, calib)
     model.require_sites()
     chosen = select_sites(model.sites, sites, None)
     data = open_data(calib, model)

@@ -11,6 +11,7 @@ failed); any other exception is reported the same way without a traceback unless
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -47,7 +48,7 @@ app = typer.Typer(
         "cmrtool inspect samples/digits_mlp.pt --calib samples/calib.safetensors",
         "cmrtool score samples/digits_mlp.pt --calib samples/calib.safetensors --json > scores.json",
         "cmrtool compile samples/digits_mlp.pt --calib samples/calib.safetensors --keep 0.5 -o reduced.pt",
-        "cmrtool verify samples/digits_mlp.pt reduced.pt --data samples/eval.safetensors --min-iia 0.5",
+        "cmrtool verify samples/digits_mlp.pt reduced.pt --data samples/eval.safetensors --min-iia 0.4",
         "cmrtool bench samples/digits_mlp.pt reduced.pt --data samples/calib.safetensors",
         "cmrtool sweep samples/digits_mlp.pt --calib samples/calib.safetensors --data samples/eval.safetensors --plot sweep.png",
     ),
@@ -85,7 +86,9 @@ def _output(json_mode: bool | None, quiet: bool) -> Any:
 
 def _setup(threads: int | None) -> None:
     from cmrtool.api import configure
+    from cmrtool.options import check_at_least
 
+    check_at_least("--threads", threads, 1, "4 (default: usable CPUs, at most 4)")
     configure(threads)
 
 
@@ -421,6 +424,10 @@ def _sigterm_interrupts() -> Iterator[None]:
     Ctrl-C does: exception handlers remove partial outputs, then ``error: interrupted``."""
 
     def handler(signum: int, frame: Any) -> None:
+        from cmrtool import interrupts
+
+        if interrupts.committed() or not _ARMED[0]:
+            return  # the output has its name, or the outcome is being reported: finish (cmrtool.interrupts)
         raise Interrupted(signal.Signals(signum).name)
 
     try:
@@ -440,35 +447,39 @@ def main(argv: list[str] | None = None) -> int:
     Under torchrun every rank runs this; errors are agreed between ranks and printed once, by
     rank 0 (:mod:`cmrtool.distributed`).
     """
-    from cmrtool import distributed
+    from cmrtool import distributed, interrupts
 
     debug = os.environ.get("CMRTOOL_DEBUG", "") not in ("", "0")
     args = sys.argv[1:] if argv is None else argv
     if not debug:  # library warnings (tracer, deprecations) are noise for a CLI user
         warnings.filterwarnings("ignore")
     try:
-        with _sigterm_interrupts():
+        with _sigterm_interrupts(), interrupts.armed():
+            _ARMED[0] = True
             distributed.init()  # joins torchrun's process group when WORLD_SIZE > 1
             rv = app(args=args, prog_name="cmrtool", standalone_mode=False)
+            interrupts.disarm()
             if not rv:
                 distributed.finish()
         if rv == 130:  # typer turns KeyboardInterrupt into exit code 130
             _print_error("interrupted", "no output was written")
         return rv if isinstance(rv, int) else 0
-    except (KeyboardInterrupt, Interrupted) as e:
+    except (KeyboardInterrupt, Interrupted, typer.Abort) as e:
+        interrupts.disarm()
         if distributed.is_writer():
             _print_error("interrupted" + (f" ({e})" if isinstance(e, Interrupted) else ""), "no output was written")
         return 143 if isinstance(e, Interrupted) else 130
     except BrokenPipeError:
         return 0
     except Exception as e:
+        interrupts.disarm()
         shown, here = distributed.fail(e)
         if debug:
             raise
         if isinstance(shown, CmrError):
             message, hint, code = shown.message, shown.hint, shown.exit_code
-        elif isinstance(shown, typer.Abort):
-            message, hint, code = "aborted", "", 130
+        elif isinstance(shown, OSError) and shown.errno in _OS_PROBLEMS:
+            message, hint, code = f"{shown.strerror}: {shown.filename or ''}".rstrip(": "), _OS_PROBLEMS[shown.errno], 1
         elif isinstance(shown, typer.TyperException):  # usage errors raised by the argument parser
             cmd = next((a for a in args if not a.startswith("-")), "")
             message, hint, code = shown.format_message(), f"see 'cmrtool {cmd + ' ' if cmd else ''}--help'", getattr(shown, "exit_code", 2) or 2
@@ -479,6 +490,34 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
+    finally:
+        _ARMED[0] = False
+
+
+_ARMED = [False]  # main() is running the command (SIGTERM raises; before and after it is recorded)
+# Operating-system failures that are the user's environment, not a bug (the last line of defence:
+# the writers map most of them to InputError already).
+_OS_PROBLEMS = {
+    errno.ENOSPC: "free some space on that filesystem, or write the output elsewhere",
+    errno.EDQUOT: "free some space within your quota, or write the output elsewhere",
+    errno.ENAMETOOLONG: "choose a shorter file name",
+    errno.EACCES: "check the permissions of the file and its directory",
+    errno.EROFS: "write the output to a writable filesystem",
+}
+
+
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point (``cmrtool.entry.run`` installs the signal handling first)."""
+    from cmrtool import interrupts
+
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a signal between main()'s handlers: still a clean exit
+        code = 130
+    interrupts.ignore_from_now()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    # The outcome is decided and reported: exit with exactly that code. (A Ctrl-C that Python saw
+    # during start-up would otherwise turn the exit into a death by SIGINT, exit -2, at shutdown.)
+    os._exit(code)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cmrtool import distributed
+from cmrtool import __version__, distributed
 from cmrtool.criteria import ALLOCATIONS, REGISTRY, REPLACEMENT_MODES, get_criterion
 from cmrtool.errors import CmrError, InputError, UnsupportedModelError, UsageError
 from cmrtool.fold import fold, unit_rows
@@ -37,6 +37,8 @@ from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.scoring import ScoreReport
 from cmrtool.selection import choose_kept, kept_width, validate_keep
 from cmrtool.sites import Site
+
+COMPILE_SCHEMA_VERSION = 1  # of the compile --json document (DESIGN §7)
 
 if TYPE_CHECKING:
     from cmrtool.export import OnnxReport
@@ -329,6 +331,8 @@ class CompileReport:
     def to_json(self) -> dict[str, Any]:
         fe = self.fold_error
         return {
+            "schema_version": COMPILE_SCHEMA_VERSION,
+            "tool_version": __version__,
             "output": self.output,
             "criterion": self.plan.criterion,
             "replacement": self.plan.replacement,

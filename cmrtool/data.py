@@ -278,5 +278,11 @@ class Dataset:
 
 
 def open_data(path: str | Path, model: Any) -> Dataset:
-    """Open a data file for ``model`` (anything with ``arg_names``, ``required_args``, ``dtype``)."""
-    return Dataset(path, model.arg_names, model.required_args, model.dtype)
+    """Open a data file for ``model`` (anything with ``arg_names``, ``required_args``, ``dtype``),
+    refusing data the model cannot take (:func:`cmrtool.datacheck.check_data`)."""
+    from cmrtool.datacheck import check_data
+
+    ds = Dataset(path, model.arg_names, model.required_args, model.dtype)
+    if hasattr(model, "forward"):
+        check_data(ds, model)
+    return ds

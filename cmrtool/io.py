@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cmrtool.errors import InputError, UsageError
+from cmrtool.interrupts import commit_point
+from cmrtool.noreplace import allow_replace, exists_error, may_replace, rename_dir_noreplace
 
 __all__ = [
     "STDIO",
@@ -28,6 +30,7 @@ __all__ = [
     "sha256_bytes",
     "require_file",
     "check_output_path",
+    "check_output_name",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_dir",
@@ -103,6 +106,7 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: b
     ``force``).
     """
     out = Path(output)
+    check_output_name(out)
     for inp in inputs:
         if str(inp) == STDIO:
             continue
@@ -125,7 +129,26 @@ def check_output_path(output: str | Path, inputs: Iterable[str | Path], force: b
         raise InputError(f"output directory is not writable: {parent}", "choose a directory you can write to")
     if out.exists() and not force:
         raise UsageError(f"output {out} already exists", "pass --force to replace it, or choose another name")
+    if force:
+        allow_replace(out)  # the final link may replace it; without --force it never does
     return out
+
+
+def check_output_name(out: str | Path) -> None:
+    """An output name the filesystem cannot hold (with room for the hidden temporary name,
+    ``.NAME.XXXXXXXX.partial``) is a usage error, found before any work."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    room = name_max - len(_hidden_name(out)) + len(out.name)
+    if len(out.name.encode()) > room or len(os.fsencode(str(out.absolute()))) >= 4096:
+        raise UsageError(
+            f"output name is too long ({len(out.name.encode())} bytes; this filesystem allows {room} here)",
+            "choose a shorter file name",
+        )
 
 
 _PENDING: set[str] = set()  # paths yielded by atomic_write that are still being written
@@ -168,20 +191,36 @@ def _umask() -> int:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``path``; move it to ``path`` on success.
 
-    An existing ``path`` (allowed by ``--force``) is replaced only once the new one is complete.
-    On any exception the temporary directory is removed and ``path`` is left as it was.
+    An existing ``path`` (allowed by ``--force``) is replaced only once the new one is complete;
+    without it the final rename fails if ``path`` appeared meanwhile. On any exception the
+    temporary directory is removed and ``path`` is left as it was; one left by a SIGKILL is
+    removed by the next run into the same directory (:mod:`cmrtool.partials`).
     """
     import shutil
 
+    from cmrtool.partials import owned_partial, remove_stale_partials, set_default_modes
+
     dest = Path(path)
+    remove_stale_partials(dest.parent)  # left by a SIGKILLed run (cmrtool.partials)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     old: Path | None = None
     try:
-        yield tmp
-        if dest.exists():
+        try:
+            with owned_partial(tmp):
+                yield tmp
+        except OSError as e:
+            if e.errno in _NO_SPACE_OR_RIGHTS:
+                raise _unwritable(dest.parent, e) from e
+            raise
+        set_default_modes(tmp, _umask())
+        if may_replace(dest) and dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)
-        os.replace(tmp, dest)
+        try:
+            with commit_point():
+                rename_dir_noreplace(tmp, dest)
+        except FileExistsError:
+            raise exists_error(dest) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not dest.exists():
@@ -193,8 +232,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
+def atomic_write(path: str | Path, replace: bool | None = None) -> Iterator[Path]:
     """Yield a path to write the output through; the output appears at ``path`` only on success.
+
+    An existing ``path`` is replaced only when ``replace`` is true (None: when
+    :func:`check_output_path` was given ``force`` for it); otherwise the final link fails with
+    "already exists", even when the file appeared while the output was being written.
 
     Guarantees (Linux, on filesystems with ``O_TMPFILE``: ext4, xfs, btrfs, tmpfs):
 
@@ -221,7 +264,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     directory = dest.parent if str(dest.parent) else Path(".")
     fd = _unnamed_file(directory)
     if fd is None:
-        with _named_temp(dest, directory) as tmp:
+        with _named_temp(dest, directory, may_replace(dest) if replace is None else replace) as tmp:
             yield tmp
         return
     alias = f"/proc/self/fd/{fd}"
@@ -233,10 +276,18 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         os.close(fd)
         raise _unwritable(directory, e) from e
     try:
-        yield Path(alias)
+        try:
+            yield Path(alias)
+        except OSError as e:  # ENOSPC, EDQUOT… while writing: a bad-input message, not a crash
+            if e.errno in _NO_SPACE_OR_RIGHTS:
+                raise _unwritable(directory, e) from e
+            raise
         _PENDING.discard(alias)
         try:
-            _link_into_place(fd, alias, dest.name, dir_fd)
+            with commit_point():
+                _link_into_place(fd, alias, dest.name, dir_fd, may_replace(dest) if replace is None else replace)
+        except FileExistsError:
+            raise exists_error(dest) from None
         except OSError as e:
             raise _unwritable(directory, e) from e
     finally:
@@ -245,12 +296,15 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         os.close(fd)  # an unnamed file that was never linked vanishes here
 
 
-def _link_into_place(fd: int, alias: str, name: str, dir_fd: int) -> None:
-    """fsync the unnamed file and give it ``name`` (replacing an existing file atomically)."""
+def _link_into_place(fd: int, alias: str, name: str, dir_fd: int, replace: bool) -> None:
+    """fsync the unnamed file and give it ``name``; an existing file is replaced (atomically)
+    only when ``replace`` (``--force``), else ``FileExistsError`` (:mod:`cmrtool.noreplace`)."""
     os.fsync(fd)
     try:
         os.link(alias, name, dst_dir_fd=dir_fd)  # linkat(..., AT_SYMLINK_FOLLOW)
     except FileExistsError:  # --force over an existing output: link aside, then rename over it
+        if not replace:
+            raise
         hidden = _hidden_name(Path(name))
         os.link(alias, hidden, dst_dir_fd=dir_fd)
         try:
@@ -264,7 +318,7 @@ def _link_into_place(fd: int, alias: str, name: str, dir_fd: int) -> None:
 
 
 @contextlib.contextmanager
-def _named_temp(dest: Path, directory: Path) -> Iterator[Path]:
+def _named_temp(dest: Path, directory: Path, replace: bool) -> Iterator[Path]:
     """The portable fallback of :func:`atomic_write`: a hidden temp file renamed into place."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=directory)
@@ -275,10 +329,24 @@ def _named_temp(dest: Path, directory: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     _PENDING.add(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, dest)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in _NO_SPACE_OR_RIGHTS:
+                raise _unwritable(directory, e) from e
+            raise
+        with commit_point():
+            if replace:
+                os.replace(tmp_path, dest)
+            else:
+                try:
+                    os.link(tmp_path, dest)  # fails if the name appeared meanwhile
+                except FileExistsError:
+                    raise exists_error(dest) from None
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cmrtool.output import fmt_float, fmt_int
+from cmrtool.tables import fit
 
 __all__ = ["inspect_table", "score_table", "compile_table", "verify_table", "bench_table", "audit_table", "sweep_table"]
 
@@ -30,7 +31,7 @@ def inspect_table(report: Any, console: Console) -> None:
             cons = ", ".join(f"{c.module} [{c.fold_mode}]" for c in s.consumers)
             width = str(s.width) if s.group == 1 else f"{s.width}×{s.group}"  # heads: units × channels
             t.add_row(escape(s.name), s.kind, width, s.activation, escape(fold), escape(cons))
-        console.print(t)
+        console.print(fit(t, console))
     for r in report.rejected:
         console.print(f"not a site: {r.name}: {r.reason}", markup=False)
     if report.unsupported:
@@ -40,9 +41,9 @@ def inspect_table(report: Any, console: Console) -> None:
 
 
 def score_table(doc: dict[str, Any], console: Console) -> None:
-    console.print(f"criterion [bold]{doc['criterion']}[/] on {doc['samples']} samples (lower score = replaced first)")
+    console.print(f"criterion [bold]{doc['criterion']}[/] on {doc['samples']} samples (lower score = replaced first; values = samples × positions per sample)")
     t = Table(show_edge=False, header_style="bold")
-    for col in ("site", "kind", "width", "samples", "min", "median", "max", "kept"):
+    for col in ("site", "kind", "width", "values", "min", "median", "max", "kept"):
         t.add_column(col, justify="left" if col in ("site", "kind") else "right")
     for s in doc["sites"]:
         sc = [x for x in s["scores"] if x is not None]
@@ -52,7 +53,7 @@ def score_table(doc: dict[str, Any], console: Console) -> None:
             fmt_float(min(sc)) if sc else "—", fmt_float(statistics.median(sc)) if sc else "—",
             fmt_float(max(sc)) if sc else "—", kept,
         )
-    console.print(t)
+    console.print(fit(t, console))
 
 
 def compile_table(report: Any, console: Console) -> None:
@@ -62,7 +63,7 @@ def compile_table(report: Any, console: Console) -> None:
         t.add_column(col, justify="left" if col in ("site", "kind", "fold") else "right")
     for s in doc["sites"]:
         t.add_row(s["name"], s["kind"], str(s["width"]), str(s["kept"]), str(s["replaced"]), s["fold"])
-    console.print(t)
+    console.print(fit(t, console))
     ratio = doc["param_ratio"]
     console.print(
         f"params {fmt_int(doc['params_before'])} → {fmt_int(doc['params_after'])} ({ratio:.1%})  "
@@ -112,7 +113,7 @@ def verify_table(report: Any, console: Console) -> None:
             escape(r["name"]), str(r["retained"]), f"{r['iia']:.3f}", f"{r['iia_ci'][0]:.2f}–{r['iia_ci'][1]:.2f}",
             f"{r['kl']:.3f}", f"{r['d2']:.3g}", f"{cert:.2f}" + ("" if r["certificate_holds"] else "!"), changed,
         )
-    console.print(t)
+    console.print(fit(t, console))
     if d["onnx_max_abs_diff"] is not None:
         console.print(f"ONNX parity: max |onnxruntime − torch| = {fmt_float(d['onnx_max_abs_diff'])}", markup=False)
     for n in d["notes"]:
@@ -155,8 +156,8 @@ def bench_table(report: Any, console: Console) -> None:
             _fmt_ratio(m.mac_ratio),
             "—" if m.speedup_realized is None else f"{m.speedup_realized:.0%}",
         )
-    console.print(size)
-    console.print(speed)
+    console.print(fit(size, console))
+    console.print(fit(speed, console))
     with_sites = [(i, m) for i, m in enumerate(report.models, 1) if m.sites]
     if with_sites:
         names = list(dict.fromkeys(s.name for _, m in with_sites for s in m.sites))
@@ -171,14 +172,13 @@ def bench_table(report: Any, console: Console) -> None:
                 site = next((s for s in m.sites if s.name == name), None)
                 row += ["—", "—"] if site is None else [str(site.width), fmt_int(site.macs)]
             st.add_row(*row)
-        console.print(st)
+        console.print(fit(st, console))
     console.print(
         "speedup: median over rounds of latency #1 / latency #i; MAC ratio: MACs #1 / MACs #i (the MAC-ideal "
         "speedup); realized: speedup / MAC ratio. MACs per sample; a site's MACs are its producer and consumer layers'.",
         markup=False,
     )
-    for n in report.notes:
-        console.print(f"note: {n}", markup=False)
+    # report.notes were each printed as a warning on stderr while benchmarking; they are in --json.
 
 
 def audit_table(report: Any, console: Console) -> None:
@@ -196,7 +196,7 @@ def audit_table(report: Any, console: Console) -> None:
     for s in d["sites"]:
         for i, (c, r) in enumerate(s["criteria"].items()):
             t.add_row(escape(s["name"]) if i == 0 else "", c, f"{r['jaccard_mean']:.3f} ± {r['jaccard_sd']:.3f}")
-    console.print(t)
+    console.print(fit(t, console))
     for sk in d["skipped"]:
         console.print(f"skipped {sk['name']}: {sk['reason']}", markup=False)
     v = d["validation"]
@@ -207,7 +207,7 @@ def audit_table(report: Any, console: Console) -> None:
             vt.add_column(col, justify="left" if col == "criterion" else "right")
         for c, r in v["criteria"].items():
             vt.add_row(c, fmt_float(r["spearman"]), fmt_float(r["kendall"]))
-        console.print(vt)
+        console.print(fit(vt, console))
 
 
 def _fmt_opt(x: float | None, spec: str) -> str:
@@ -228,7 +228,7 @@ def sweep_table(report: Any, console: Console) -> None:
             f"{r['keep']:g}", escape(r["criterion"]), fmt_int(r["params"]), fmt_int(r["macs"]), _fmt_opt(r["macs_ratio"], ".0%"),
             _fmt_opt(r["accuracy"], ".1%"), f"{r['agreement']:.1%}", f"{r['iia']:.3f}", f"{r['kl']:.3f}",
         )
-    console.print(t)
+    console.print(fit(t, console))
     where = "all reduced sites at once" if d["rows"] and d["rows"][0]["iia_of"] == "all" else "the reduced site"
     console.print(
         f"sites {', '.join(st['sites'])}; kept = MACs kept (reduced / original); IIA and KL(low‖high) of {where}, "

@@ -41,6 +41,11 @@ def kept_width(
         k = keep_count
     else:
         k = max(1, int(round((1.0 if keep is None else keep) * width)))
+    if round_to is not None and round_to > width:
+        raise UsageError(
+            f"--round-to {round_to} is larger than the width {width} of site {site}, so nothing could be replaced",
+            f"use --round-to {width} or less, or choose sites with --site",
+        )
     if round_to is not None and round_to > 1:
         k = int(round(k / round_to)) * round_to
         k = min(width, max(round_to, k))

@@ -128,11 +128,13 @@ class SweepReport:
     accuracy: float | None
     rows: tuple[SweepRow, ...]
     settings: dict[str, Any] = field(default_factory=dict)
+    wall_seconds: float | None = None  # the whole sweep, start to end (rows time only their own steps)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": SWEEP_SCHEMA_VERSION,
             "tool_version": __version__,
+            "wall_seconds": self.wall_seconds,
             "model": self.model,
             "sha256": self.sha256,
             "original": {"params": self.params, "macs": self.macs, "accuracy": self.accuracy},
@@ -179,12 +181,13 @@ def run_sweep(
     arch: str | None = None,
 ) -> SweepReport:
     """Compile and verify every (criterion, keep) pair; arguments as in :func:`cmrtool.api.sweep` (already validated)."""
-    from cmrtool import api
+    from cmrtool import api, interrupts
 
-    original = api.inspect(path, calib=calib, arch=arch)
+    start = time.perf_counter()
     rows: list[SweepRow] = []
     accuracy: float | None = None
     with tempfile.TemporaryDirectory(prefix="cmrtool-sweep-") as tmp, progress("sweep", len(keeps) * len(criteria), "reductions") as advance:
+        original = api.inspect(path, calib=calib, arch=arch)  # inside: the progress line times the whole sweep
         for criterion in criteria:
             t0 = time.perf_counter()
             scores = api.score(path, calib, criterion, sites, kinds, seed, batch_size, arch=arch)
@@ -194,6 +197,7 @@ def run_sweep(
                 t0 = time.perf_counter()
                 compiled = api.compile(path, out, calib=calib, scores=scores, criterion=criterion, sites=sites, kinds=kinds,
                                        keep=keep, seed=seed, batch_size=batch_size, force=force, warn=warn if not rows else None, arch=arch)
+                interrupts.rearm()  # each kept model is complete on its own: Ctrl-C works again
                 t1 = time.perf_counter()
                 checked = api.verify(path, out, data, swaps=swaps, p=p, seed=seed, batch_size=batch_size, arch=arch)
                 t2 = time.perf_counter()
@@ -209,4 +213,4 @@ def run_sweep(
                 "swaps": swaps, "p": p, "seed": seed, "batch_size": batch_size, "calib": str(calib), "data": str(data),
                 "keep_models": None if keep_models is None else str(keep_models)}
     return SweepReport(model=str(path), sha256=original.sha256, params=original.params, macs=original.macs,
-                       accuracy=accuracy, rows=tuple(rows), settings=settings)
+                       accuracy=accuracy, rows=tuple(rows), settings=settings, wall_seconds=time.perf_counter() - start)

@@ -126,10 +126,13 @@ def _corrupt(path: str, what: str) -> InputError:
 
 
 def _check_layout(path: str, infos: dict[str, TensorInfo], ends: dict[str, int], data_bytes: int) -> None:
+    from cmrtool.integrity import check_no_overlap
+
     for name, info in infos.items():
         size = math.prod(info.shape) * info.dtype.itemsize
         if info.offset < 0 or ends[name] - info.offset != size or ends[name] > data_bytes:
             raise _corrupt(path, f"tensor '{name}' does not fit its shape {list(info.shape)} in the file (truncated?)")
+    check_no_overlap(path, {name: (info.offset, ends[name]) for name, info in infos.items()})
 
 
 class SafetensorsFile(RowFile):

@@ -104,7 +104,8 @@ def contention_note(load1: float, cpus: int, threads: int) -> str | None:
     if others <= cpus - threads + 0.5:
         return None
     fewer = max(1, cpus - math.ceil(others))
+    advice = f"use --threads {fewer} or an idle machine" if fewer < threads else "use an idle machine for timings you report"
     return (
-        f"load average {load1:.1f} on {cpus} CPUs: other processes compete with the {threads} timing threads, "
-        f"which can stall every parallel region; use --threads {fewer} or an idle machine"
+        f"load average {load1:.1f} on {cpus} CPUs: other processes compete with the {threads} timing "
+        f"thread{'s' if threads != 1 else ''}, which can stall every parallel region; {advice}"
     )

@@ -667,7 +667,7 @@ def verify(
     if sites:
         unknown = [s for s in sites if s not in planned]
         if unknown:
-            raise InputError(f"site {unknown[0]} is not in the reduced model's plan", f"planned sites: {', '.join(planned)}")
+            raise UsageError(f"site {unknown[0]} is not in the reduced model's plan", f"planned sites: {', '.join(planned)}")
     chosen = original.site_order([s for s in planned if not sites or s in set(sites)])
     chosen, routed = _per_sample_sites(original, chosen)
     if swaps < 1 or not (0.0 <= p <= 1.0):

@@ -57,10 +57,21 @@ def test_an_exception_leaves_nothing(tmp_path, mode):
 def test_an_existing_output_is_replaced_atomically(tmp_path, mode):
     dest = tmp_path / "out.bin"
     dest.write_bytes(b"old")
-    with atomic_write(dest) as tmp:
+    with atomic_write(dest, replace=True) as tmp:
         tmp.write_bytes(b"new")
         assert dest.read_bytes() == b"old"
     assert dest.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_a_file_that_appears_while_writing_is_never_replaced(tmp_path, mode):
+    from cmrtool.errors import UsageError
+
+    dest = tmp_path / "out.bin"
+    with pytest.raises(UsageError, match="already exists"):
+        with atomic_write(dest) as tmp:
+            tmp.write_bytes(b"mine")
+            dest.write_bytes(b"theirs")  # another process won the name meanwhile
+    assert dest.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
 def test_nested_writes_go_straight_into_the_pending_file(tmp_path, mode):

@@ -295,3 +295,186 @@ def test_pickled_model_is_not_unpickled(cli, tmp_path):
     r = cli("inspect", path)
     _assert_clean_error(r, 1, "torch.save pickle")
     assert not (tmp_path / "pwned").exists()
+
+
+# --- The reliability battery (issue 15): each finding that was an exit 0 with a wrong result, an
+# "internal error", or a missing check is a bad-input case here.
+
+
+def _tiny_llama(path, dtype=torch.float32):
+    """A random two-layer LLaMA sequence classifier (vocab 40, 3 classes) saved with save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, num_labels=3, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg).to(dtype).eval()
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("battery")
+    d = _tiny_llama(root / "llama")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 40, (16, 9), generator=g)
+    _st(root / "tok.safetensors", input_ids=ids, labels=torch.randint(0, 3, (16,), generator=g))
+    return d, root / "tok.safetensors", ids
+
+
+def _battery_cases(tmp, llama):
+    d, tok, ids = llama
+    out = tmp / "out" / "r.pt"
+    c, keep = "compile", ["--keep", "0.5"]
+    from safetensors.torch import load_file
+
+    sd = load_file(str(SAMPLES / "digits_mlp.safetensors"))
+    arch = ["--arch", "cmrtool.testing.models:digits_mlp"]
+    return {
+        # options that were accepted and silently did something else
+        "round-to above the width": ([c, MLP, "--calib", CALIB, *keep, "--round-to", "1000", "-o", out], 2, "--round-to 1000 is larger than the width"),
+        "negative check-samples": ([c, MLP, "--calib", CALIB, *keep, "--check-samples", "-1", "-o", out], 2, "--check-samples must be at least 0"),
+        "min-iia nan": (["verify", MLP, MLP, "--data", CALIB, "--min-iia", "nan"], 2, "--min-iia must be a finite number"),
+        "max-kl negative": (["verify", MLP, MLP, "--data", CALIB, "--max-kl", "-1"], 2, "--max-kl must be a finite number"),
+        "threads zero": (["inspect", MLP, "--threads", "0"], 2, "--threads must be at least 1"),
+        "negative ridge": (["score", MLP, "--calib", CALIB, "--ridge", "-1"], 2, "--ridge must be a finite number"),
+        "parents zero": ([c, MLP, "--calib", CALIB, *keep, "--replacement", "affine", "--parents", "0", "-o", out], 2, "--parents must be at least 1"),
+        "output name too long": ([c, MLP, "--calib", CALIB, *keep, "-o", tmp / "out" / ("a" * 300 + ".pt")], 2, "output name is too long"),
+        # "internal error" before the fix
+        "image data to a LLaMA": (["score", d, "--calib", _st(tmp / "img.safetensors", input=torch.rand(8, 1, 8, 8))], 1, "takes integer token ids"),
+        "token ids out of range": (["score", d, "--calib", _st(tmp / "oob.safetensors", input_ids=ids + 100)], 1, "outside the vocabulary"),
+        "labels out of range": (["score", MLP, "--calib", _st(tmp / "l12.safetensors", **_calib(labels=torch.full((8,), 12)))], 1, "label 12"),
+        "negative labels": (["score", d, "--calib", _st(tmp / "lneg.safetensors", input_ids=ids, labels=torch.full((16,), -3))], 1, "label -3"),
+        "int32 weights": (["inspect", _st(tmp / "i32.safetensors", **{k: (v * 100).to(torch.int32) for k, v in sd.items()}), *arch], 1, "dtype int32"),
+    }
+
+
+def _battery_names():
+    return ["round-to above the width", "negative check-samples", "min-iia nan", "max-kl negative", "threads zero", "negative ridge",
+            "parents zero", "output name too long", "image data to a LLaMA", "token ids out of range", "labels out of range",
+            "negative labels", "int32 weights"]
+
+
+@pytest.mark.parametrize("case", _battery_names())
+def test_battery_bad_input_is_one_clean_error(case, cli, tmp_path, llama, capsys):
+    (tmp_path / "out").mkdir()
+    cases = _battery_cases(tmp_path, llama)
+    assert sorted(cases) == sorted(_battery_names())
+    args, code, text = cases[case]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    if case == "threads zero":  # the fixture appends --threads 2, which would win
+        from conftest import CliResult
+
+        from cmrtool.cli import main
+
+        capsys.readouterr()
+        code_ = main([str(a) for a in args])
+        cap = capsys.readouterr()
+        r = CliResult(code_, cap.out, cap.err)
+    else:
+        r = cli(*args)
+    _assert_clean_error(r, code, text)
+    assert list((tmp_path / "out").iterdir()) == []
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_disk_full_is_a_bad_input_error(cli, tmp_path, monkeypatch):
+    import errno
+
+    real = open
+
+    def full(path, mode="r", *a, **k):  # the checkpoint writer hits ENOSPC mid-write
+        f = real(path, mode, *a, **k)
+        if "w" in mode and str(path).startswith("/proc/self/fd/"):
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    monkeypatch.setattr("builtins.open", full)
+    out = tmp_path / "r.safetensors"
+    r = cli("compile", SAMPLES / "digits_mlp.safetensors", "--arch", "cmrtool.testing.models:digits_mlp", "--calib", CALIB, "--keep", "0.5", "-o", out)
+    _assert_clean_error(r, 1, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_weights_that_do_not_match_the_config_are_refused(cli, tmp_path, llama):
+    from safetensors.torch import load_file
+
+    d, tok, _ = llama
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((d / "config.json").read_text())
+    st = load_file(str(d / "model.safetensors"))
+    del st["model.layers.0.mlp.up_proj.weight"]
+    st["other.weight"] = torch.zeros(3)
+    save_file(st, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    r = cli("score", bad, "--calib", tok)
+    _assert_clean_error(r, 1, "do not match its config.json: missing model.layers.0.mlp.up_proj.weight; unexpected other.weight")
+
+
+def test_a_corrupted_byte_in_a_torchscript_tensor_is_refused(cli, tmp_path):
+    import zipfile
+
+    data = bytearray(MLP.read_bytes())
+    with zipfile.ZipFile(MLP) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 64)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # local header + name + extra
+    data[start + info.file_size // 2] ^= 0x40
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    r = cli("compile", bad, "--calib", CALIB, "--keep", "0.5", "-o", tmp_path / "r.pt")
+    _assert_clean_error(r, 1, "archive member digits_mlp/data/0 is damaged")
+    assert not (tmp_path / "r.pt").exists()
+
+
+def test_safetensors_with_overlapping_tensors_are_refused(cli, tmp_path):
+    src = _st(tmp_path / "ok.safetensors", input=torch.rand(8, 1, 8, 8), labels=torch.zeros(8, dtype=torch.int64))
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    b0 = header["input"]["data_offsets"][0]
+    header["labels"]["data_offsets"] = [b0, b0 + 64]  # the first 64 bytes of 'input' again
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    bad = tmp_path / "overlap.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    r = cli("score", MLP, "--calib", bad)
+    _assert_clean_error(r, 1, "share bytes")
+
+
+def test_verify_onnx_of_another_reduction_is_refused_and_parity_has_a_threshold(cli, tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert cli("compile", MLP, "--calib", CALIB, "--keep", "0.5", "-o", a, "--onnx", tmp_path / "a.onnx", "--check-samples", "8").code == 0
+    assert cli("compile", MLP, "--calib", CALIB, "--keep", "0.75", "-o", b).code == 0
+    r = cli("verify", MLP, b, "--data", CALIB, "--onnx", tmp_path / "a.onnx", "--swaps", "20")
+    _assert_clean_error(r, 1, "exported from another reduction")
+    ok = cli("verify", MLP, a, "--data", CALIB, "--onnx", tmp_path / "a.onnx", "--swaps", "20")
+    assert ok.code == 0 and ok.json()["onnx_max_abs_diff"] < 1e-3
+
+    from cmrtool.onnxcheck import ONNX_TOLERANCE, onnx_failure
+
+    assert onnx_failure(12.0) == f"ONNX max |diff| 12 > {ONNX_TOLERANCE}" and onnx_failure(1e-6) is None
+
+
+def test_compile_json_is_versioned(cli, tmp_path):
+    from cmrtool import __version__
+
+    d = cli("compile", MLP, "--calib", CALIB, "--keep", "0.5", "-o", tmp_path / "r.pt", "--json").json()
+    assert d["schema_version"] == 1 and d["tool_version"] == __version__
+
+
+def test_hf_output_without_suffix_is_a_directory_with_save_pretrained_modes(cli, tmp_path, llama, monkeypatch):
+    d, tok, _ = llama
+    monkeypatch.chdir(tmp_path)
+    r = cli("compile", d, "--calib", tok, "--keep", "0.5", "-o", "reduced")
+    assert r.code == 0, r.err
+    out = tmp_path / "reduced"
+    assert out.is_dir() and (out / "config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o666 & ~umask for f in out.iterdir()}
+    assert not any(f.name.startswith(".") for f in tmp_path.iterdir())  # no partial or marker left

@@ -15,6 +15,7 @@ from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile import clamp_edits, compile_model, fold_error, make_plan, site_ranks
 from cmrtool.data import Dataset
 from cmrtool.errors import InputError, UsageError
+from cmrtool.io import check_output_path
 from cmrtool.fold import fold
 from cmrtool.plan import Plan
 from cmrtool.scoring import score_model, select_sites
@@ -31,7 +32,7 @@ def _compile(tmp_path, m, x, keep=0.5, kinds=None, criterion="cmr-logit"):
     data = Dataset(write_data(tmp_path / "calib.safetensors", x), m.arg_names, m.required_args, m.dtype)
     chosen = [s for s in select_sites(m.sites, None, kinds) if s.foldable]
     plan = make_plan(score_model(m, data, criterion, chosen), chosen, keep=keep)
-    out = tmp_path / "reduced.safetensors"
+    out = check_output_path(tmp_path / "reduced.safetensors", [], force=True)  # compile_model's contract
     return plan, compile_model(m, plan, out, check_inputs=[x]), out
 
 
@@ -56,7 +57,10 @@ def test_compiled_equals_clamped_float64(case, tmp_path):
     assert all(s.fold == "exact" for s in m.sites)
     plan, result, out = _compile(tmp_path, m, x)
     assert result.fold_error.relative <= 1e-10, result.fold_error
-    reduced = load_model(out)  # the file names its factory; no --arch needed
+    with pytest.raises(InputError, match="names code to run") as e:
+        load_model(out)  # the file names a factory outside cmrtool: never imported unasked
+    assert e.value.hint == f"if you trust that code, pass --arch helpers:{factory.__name__}"
+    reduced = load_model(out, f"helpers:{factory.__name__}")
     assert reduced.plan == plan and reduced.num_params() < m.num_params() == sum(p.numel() for p in build(factory).parameters())
     for sp in plan.sites:
         assert reduced.site(sp.name).width == len(sp.kept)
@@ -70,7 +74,7 @@ def test_zero_padded_consumer_is_interior_exact(tmp_path):
     assert m.site("c1").fold == "interior-exact"
     plan, result, out = _compile(tmp_path, m, x)
     clamped, _ = m.run([x], edits=clamp_edits(m, plan, site_ranks(m, [x], ["c1"])))
-    diff = (load_model(out).forward([x]) - clamped).abs().reshape(len(x), 2, 7, 7)
+    diff = (load_model(out, m.arch).forward([x]) - clamped).abs().reshape(len(x), 2, 7, 7)
     assert diff[:, :, 1:-1, 1:-1].max() <= 1e-10 * clamped.abs().max() < diff.max()
     assert result.notes
 
@@ -84,7 +88,7 @@ def test_heads_compiled_equal_clamped_float64(tmp_path):
     assert [len(sp.kept) for sp in plan.sites] == [2, 2] and all(sp.group == 4 for sp in plan.sites)
     assert len(plan.sites[0].replacement.values) == 2 * 4  # a vector per replaced head
     assert result.fold_error.relative <= 1e-10, result.fold_error
-    reduced = load_model(out)
+    reduced = load_model(out, m.arch)
     assert reduced.module.blocks[0].attn.q_proj.weight.shape == (8, 16) and reduced.module.blocks[0].attn.heads == 2
     # Heads and FFN units together, and clamping fixes exactly the replaced heads' channels.
     plan2, result2, _ = _compile(tmp_path, m, x, kinds=["head", "neuron"])
@@ -128,7 +132,7 @@ def test_samples_compiled_equal_clamped_float32(name, kinds, tmp_path):
     result = compile_model(m, plan, tmp_path / "r.safetensors", check_inputs=[calib.read(0, 256).inputs[0]])
     assert result.fold_error.relative <= 1e-5
     held = Dataset(SAMPLES / "eval.safetensors", m.arg_names, 1, m.dtype).all().inputs
-    assert fold_error(m, load_model(tmp_path / "r.safetensors"), plan, held).relative <= 1e-5
+    assert fold_error(m, load_model(tmp_path / "r.safetensors", m.arch), plan, held).relative <= 1e-5
 
 
 def test_reduced_safetensors_round_trip(tmp_path):

@@ -196,7 +196,7 @@ def test_bad_inputs(cli, tmp_path):
         (["verify", SAMPLES / "digits_mlp.pt", SAMPLES / "digits_mlp.pt", "--data", SAMPLES / "eval.safetensors"], 1, "has no cmrtool plan"),
         (["verify", SAMPLES / "digits_mlp_traced.pt", out, "--data", SAMPLES / "eval.safetensors"], 1, "reduced from another model"),
         (["verify", SAMPLES / "digits_mlp.pt", out, "--data", wrong], 1, "rejected inputs"),
-        (["verify", SAMPLES / "digits_mlp.pt", out, "--data", SAMPLES / "eval.safetensors", "--site", "nope"], 1, "not in the reduced model's plan"),
+        (["verify", SAMPLES / "digits_mlp.pt", out, "--data", SAMPLES / "eval.safetensors", "--site", "nope"], 2, "not in the reduced model's plan"),
         (["verify", SAMPLES / "digits_mlp.pt", out, "--data", SAMPLES / "eval.safetensors", "--swaps", "0"], 2, "--swaps"),
         (["verify", SAMPLES / "digits_mlp.pt", out, "--data", SAMPLES / "eval.safetensors", "--onnx", tmp_path / "x.onnx"], 1, "not found"),
     ]

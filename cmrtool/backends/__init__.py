@@ -23,7 +23,7 @@ __all__ = ["load_model"]
 _TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".pth", ".jit", ".torchscript")
 
 
-def load_model(path: str | Path, arch: str | None = None) -> Any:
+def load_model(path: str | Path, arch: str | None = None, data: str | Path | None = None) -> Any:
     """Open a checkpoint with the backend its format needs.
 
     Args:
@@ -31,6 +31,9 @@ def load_model(path: str | Path, arch: str | None = None) -> Any:
             ``.safetensors`` state dict (with ``arch``) or a reduced one written by cmrtool, or a
             Hugging Face directory (``config.json`` + ``model.safetensors``).
         arch: ``pkg.module:factory``, a callable returning the nn.Module the weights belong to.
+        data: the data file the model will run on: a TorchScript model's non-tensor arguments
+            (an ``int`` sample rate) take their values from its 0-d tensors of the same names
+            (:mod:`cmrtool.backends.tsargs`).
 
     Example:
         >>> model = load_model("samples/digits_mlp.pt")
@@ -55,7 +58,7 @@ def load_model(path: str | Path, arch: str | None = None) -> Any:
     if p == STDIO or suffix in _TORCHSCRIPT_SUFFIXES or suffix == "":
         from cmrtool.backends.torchscript import TorchScriptModel
 
-        return TorchScriptModel(p)
+        return TorchScriptModel(p, data)
     raise InputError(
         f"unknown model format '{suffix}' for {p}",
         "pass a TorchScript file (.pt), a .safetensors file with --arch, or a Hugging Face directory",

@@ -16,7 +16,6 @@ exists, so tied weights stay tied, and registers parameters that folding added (
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from cmrtool.backends.layouts import split_views
 from cmrtool.errors import InputError, UsageError
 from cmrtool.io import require_file, sha256_file
 from cmrtool.plan import Plan
+from cmrtool.safety import import_user_module, trusted_arch
 
 __all__ = [
     "PLAN_KEY", "ARCH_KEY", "HF_CONFIG_KEY", "resolve_factory", "load_safetensors", "load_reduced",
@@ -46,7 +46,7 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
     if not sep or not module_name or not attr:
         raise UsageError(f"invalid --arch '{spec}'", _ARCH_HINT)
     try:
-        mod = importlib.import_module(module_name)
+        mod = import_user_module(module_name)
     except ImportError as e:
         raise InputError(f"cannot import {module_name} for --arch {spec}: {e}", "install the package that defines the model, or fix the module path") from e
     obj: Any = mod
@@ -118,8 +118,9 @@ def load_safetensors(path: str | Path, arch: str | None = None) -> Any:
 def load_reduced(path: str | Path, arch: str | None = None) -> Any:
     """Rebuild a reduced checkpoint written by ``cmrtool compile -o reduced.safetensors``.
 
-    The file names its factory, which is imported and called: load reduced files from sources
-    you trust, or pass ``arch`` (a Hugging Face class is only ever looked up in ``transformers``).
+    The file records its factory, but only ``arch`` (the user's choice) or cmrtool's own
+    factories are ever imported (:mod:`cmrtool.safety`); a file naming other code is refused
+    with the ``--arch`` to pass. A Hugging Face class is only ever looked up in ``transformers``.
 
     Args:
         path: the reduced safetensors file.
@@ -136,7 +137,7 @@ def load_reduced(path: str | Path, arch: str | None = None) -> Any:
     if PLAN_KEY not in meta:
         raise InputError(f"{path} has no cmrtool plan: it was not written by cmrtool compile", "load it with --arch as an unreduced checkpoint")
     plan = Plan.loads(meta[PLAN_KEY])
-    arch = arch or meta.get(ARCH_KEY)
+    arch = trusted_arch(path, meta.get(ARCH_KEY), arch)
     if not arch:
         raise UsageError(f"{path} does not say which architecture it reduces", _ARCH_HINT)
     hf_text = meta.get(HF_CONFIG_KEY)
@@ -205,6 +206,11 @@ def assign_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], stric
         owner_path, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_path)
         p = params.get(name)
+        if p is not None and p.is_floating_point() and not t.is_floating_point():
+            raise InputError(
+                f"{what + ': ' if what else ''}weight {name} has dtype {str(t.dtype).removeprefix('torch.')}, and the model's parameters are floating point",
+                "save the weights in float32 (or float16/bfloat16/float64); quantized integer weights are not supported",
+            )
         if p is not None:
             p.data = t
         elif name in buffers or leaf in owner._buffers:

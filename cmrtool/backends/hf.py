@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from cmrtool.errors import InputError, UsageError
+from cmrtool.hfcheck import check_loading_info, refuse_remote_code
 from cmrtool.io import sha256_file
 from cmrtool.plan import Plan
 
@@ -92,12 +93,16 @@ def load_dir(path: str | Path) -> Any:
             "cmrtool reads safetensors weights: re-save the model with model.save_pretrained(dir) (safetensors is the default)",
         )
     tf = transformers_module()
+    refuse_remote_code(p)
     try:
-        config = tf.AutoConfig.from_pretrained(str(p), local_files_only=True)
+        # trust_remote_code=False everywhere: a directory's own Python never runs, and
+        # transformers never asks on a terminal whether it may.
+        config = tf.AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
         cls = next((getattr(tf, a) for a in (config.architectures or []) if hasattr(tf, a)), tf.AutoModel)
-        module = cls.from_pretrained(str(p), local_files_only=True)
+        module, info = cls.from_pretrained(str(p), local_files_only=True, trust_remote_code=False, output_loading_info=True)
     except Exception as e:  # transformers raises many exception types for bad directories
         raise InputError(f"transformers could not load {p}: {_first_line(e)}", "check that config.json and the weights belong together") from e
+    check_loading_info(p, info)
     plan = Plan.loads((p / PLAN_FILE).read_text()) if (p / PLAN_FILE).is_file() else None
     return ModuleModel(module, p, _sha256_dir(p, weights), arch=f"hf:{type(module).__name__}", plan=plan, hf_config=module.config, fmt="huggingface")
 

@@ -33,6 +33,8 @@ from torch import nn
 
 from cmrtool.backends.tsgraph import GraphProgram, const_value, is_none, iter_nodes, real_uses
 from cmrtool.errors import InputError, UnsupportedModelError
+from cmrtool.backends.tsargs import branch_reason, scalar_args, scalar_values_from_data, specialize
+from cmrtool.integrity import check_zip_crc
 from cmrtool.io import STDIO, read_bytes, require_file, sha256_bytes, sha256_file, write_with
 from cmrtool.plan import Plan
 from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
@@ -99,8 +101,9 @@ class TorchScriptModel:
 
     format = "torchscript"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, data: str | Path | None = None) -> None:
         self.path = str(path)
+        self.data = data  # scalar forward arguments come from it (cmrtool.backends.tsargs)
         if self.path == STDIO:
             self._bytes: bytes | None = read_bytes(self.path)
             self.sha256 = sha256_bytes(self._bytes)
@@ -110,13 +113,16 @@ class TorchScriptModel:
             self.sha256 = sha256_file(self.path)
         self.module, plan_text = self._load()
         self.plan = Plan.loads(plan_text) if plan_text else None
-        self.program = GraphProgram(self.module)
+        schema = self.module.forward.schema
+        scalars = scalar_args(schema)
+        self.arg_values = {k: d for k, (_, d, has) in scalars.items() if has}
+        self.arg_values.update(scalar_values_from_data(data, scalars))
+        self.program = GraphProgram(self.module, lambda g: specialize(g, schema, self.arg_values))
         self._params = dict(self.module.named_parameters())
         self._buffers = dict(self.module.named_buffers())
         self._tensors = {k: v.detach() for k, v in {**self._params, **self._buffers}.items() if v is not None}
         self.dtype = next((p.dtype for p in self._params.values() if p.is_floating_point()), torch.float32)
-        schema = self.module.forward.schema
-        args = [a for a in schema.arguments if a.name != "self"]
+        args = [a for a in schema.arguments if a.name != "self" and a.name not in self.arg_values]
         self.arg_names = [a.name for a in args]
         self.required_args = sum(1 for a in args if not a.has_default_value())
         self._check_eval_graph()
@@ -130,6 +136,7 @@ class TorchScriptModel:
     # -- loading --------------------------------------------------------------------------------
     def _load(self) -> tuple[Any, str]:
         extra = {PLAN_FILE: ""}
+        check_zip_crc(self.path, self._bytes)  # torch.jit.load does not check it
         src: Any = io.BytesIO(self._bytes) if self._bytes is not None else self.path
         try:
             module = torch.jit.load(src, map_location="cpu", _extra_files=extra)
@@ -146,7 +153,7 @@ class TorchScriptModel:
 
     def reopen(self, path: str | Path) -> TorchScriptModel:
         """Load what :meth:`write` wrote."""
-        return TorchScriptModel(path)
+        return TorchScriptModel(path, self.data)
 
     def fresh_module(self) -> Any:
         """A new, independent copy of the checkpoint's module (eval mode)."""
@@ -206,6 +213,11 @@ class TorchScriptModel:
         for node in iter_nodes(graph):
             kind = node.kind()
             if kind in _CONV_OPS or kind in _LINEAR_OPS:
+                why = branch_reason(node)
+                prod = self._producer(node) if why is not None else None
+                if isinstance(prod, tuple):  # a layer inside control flow that specialization kept
+                    self.rejected.append(Rejection(prod[0], why))
+                    continue
                 result = self._walk(node, outputs)
                 if isinstance(result, Site):
                     if result.name not in seen_sites:

@@ -158,9 +158,11 @@ class GraphProgram:
         module: a loaded ``torch.jit.ScriptModule`` in eval mode.
     """
 
-    def __init__(self, module: Any) -> None:
+    def __init__(self, module: Any, prepare: Callable[[torch._C.Graph], Any] | None = None) -> None:
         self.module = module
         graph = module.inlined_graph  # a fresh graph on every access
+        if prepare is not None:  # e.g. scalar arguments made constants (cmrtool.backends.tsargs)
+            prepare(graph)
         _fold_scalar_attributes(module, graph)
         torch._C._jit_pass_constant_propagation(graph)
         torch._C._jit_pass_dce(graph)
