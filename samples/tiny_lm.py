@@ -34,12 +34,17 @@ import shutil
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread: the same merges every run
 
 import torch
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SEED = 0
 VOCAB = 4096
@@ -106,7 +111,7 @@ def split(docs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
     return train, held
 
 
-def train_tokenizer(texts: list[str]):
+def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with VOCAB ids, wrapped as a Hugging Face fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -127,7 +132,7 @@ def train_tokenizer(texts: list[str]):
     )
 
 
-def stream(tokenizer, texts: list[str]) -> torch.Tensor:
+def stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
     """The documents' token ids concatenated, each followed by EOS: ``(n_tokens,)`` int64."""
     eos = tokenizer.convert_tokens_to_ids(EOS)
     ids: list[int] = []
@@ -176,7 +181,9 @@ def lr_at(step: int) -> float:
     return LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_model(tokens: torch.Tensor, eval_batch: dict[str, torch.Tensor], steps: int = STEPS, log=print):
+def train_model(
+    tokens: torch.Tensor, eval_batch: dict[str, torch.Tensor], steps: int = STEPS, log: Callable[[str], None] = print
+) -> tuple[torch.nn.Module, float]:
     """Train ``LlamaForCausalLM(CONFIG)`` on random SEQ-token windows of ``tokens``; returns (model, last train loss)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -208,7 +215,7 @@ def train_model(tokens: torch.Tensor, eval_batch: dict[str, torch.Tensor], steps
     return model.eval(), sum(recent) / len(recent)
 
 
-def build(out_dir: Path, log=print) -> dict:
+def build(out_dir: Path, log: Callable[[str], None] = print) -> dict:
     """Write ``out_dir/tiny_lm/`` and the two token files; returns the manifest entry."""
     torch.use_deterministic_algorithms(True)
     t0_wall, t0_cpu = time.perf_counter(), time.process_time()
