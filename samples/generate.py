@@ -10,12 +10,19 @@ no download) and writes, next to this script:
   ``NAME.safetensors`` (the state dict; architecture ``cmrtool.testing.models:NAME``);
 - ``MANIFEST.json``: held-out accuracy, parameters and sha256 of every file.
 
-Everything is seeded and runs on one thread, so the same torch version gives the same weights.
-Requires scikit-learn (``pip install -e '.[samples]'``).
+and the sample language model (``tiny_lm.py``): ``tiny_lm/`` (a Hugging Face ``LlamaForCausalLM``
+directory with its BPE tokenizer), ``tiny_lm_calib.safetensors`` and ``tiny_lm_eval.safetensors``
+(``input_ids`` and ``attention_mask``), trained on text that ships with Python.
+
+``--only digits`` or ``--only tiny_lm`` regenerates one group and keeps the other's manifest entries.
+Everything is seeded and runs on one thread, so the same torch version gives the same weights (the
+language model's corpus also depends on the Python version). Requires scikit-learn and transformers
+(``pip install -e '.[samples]'``).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -77,8 +84,8 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def main() -> None:
-    torch.set_num_threads(1)
+def build_digits() -> dict[str, dict]:
+    """Write the digits token files and the three classifiers; returns their manifest entries."""
     torch.manual_seed(SEED)
     x_train, y_train, x_eval, y_eval = split_digits()
     save_file({"input": x_train[:N_CALIB].contiguous(), "labels": y_train[:N_CALIB].contiguous()}, str(HERE / "calib.safetensors"))
@@ -101,9 +108,39 @@ def main() -> None:
             "params": sum(p.numel() for p in model.parameters()),
         }
         print(f"{name}: held-out accuracy {acc:.4f}")
+    return manifest
+
+
+def write_manifest(models: dict[str, dict]) -> None:
+    """MANIFEST.json: the models' entries and the sha256 of every sample file (tiny_lm/ included)."""
     files = sorted(p.name for p in HERE.iterdir() if p.suffix in (".pt", ".safetensors"))
-    out = {"models": manifest, "sha256": {f: sha256(HERE / f) for f in files}, "torch": torch.__version__}
+    lm_dir = HERE / "tiny_lm"
+    if lm_dir.is_dir():
+        files += sorted(f"tiny_lm/{p.name}" for p in lm_dir.iterdir() if p.is_file())
+    out = {"models": models, "sha256": {f: sha256(HERE / f) for f in files}, "torch": torch.__version__}
     (HERE / "MANIFEST.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Regenerate the bundled samples deterministically.",
+        epilog="example: python samples/generate.py --only tiny_lm",
+    )
+    parser.add_argument("--only", choices=("digits", "tiny_lm"),
+                        help="regenerate one group (default: all); the other group's manifest entries are kept")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    manifest_path = HERE / "MANIFEST.json"
+    models: dict[str, dict] = {}
+    if args.only and manifest_path.exists():
+        models = json.loads(manifest_path.read_text())["models"]
+    if args.only in (None, "digits"):
+        models.update(build_digits())
+    if args.only in (None, "tiny_lm"):
+        import tiny_lm  # needs transformers; the digits alone do not
+
+        models["tiny_lm"] = tiny_lm.build(HERE)
+    write_manifest(models)
 
 
 if __name__ == "__main__":
