@@ -139,7 +139,7 @@ def score(
     limit: int | None = None,
     progress: ProgressFactory | None = None,
     curvature: str = "auto",
-    parents: int = 8,
+    parents: int | str | None = "all",
     ridge: float = 1e-3,
     loss: str = "auto",
     arch: str | None = None,
@@ -150,10 +150,13 @@ def score(
     from cmrtool.scoring import score_model, select_sites
     from cmrtool.sensitivity import check_curvature, check_loss
 
+    from cmrtool.affine import check_parents
+
     _single_stdin(path, calib)
     get_criterion(criterion)
     check_curvature(curvature)
     check_loss(loss)
+    parents = check_parents(parents)
     model = open_model(path, arch)
     model.require_sites()
     chosen = select_sites(model.sites, sites, kinds)
@@ -184,7 +187,7 @@ def compile(
     allocation: str = "site",
     schedule: int = 1,
     joint_refit: bool = False,
-    parents: int = 8,
+    parents: int | str | None = "all",
     ridge: float = 1e-3,
     curvature: str = "auto",
     loss: str = "auto",
@@ -202,7 +205,8 @@ def compile(
         allocation: ``site`` or ``global`` (rank all sites' units together).
         schedule: re-score after each of this many steps towards ``keep`` (iterative reduction).
         joint_refit: fit each site's constants jointly under the full curvature of the logits.
-        parents, ridge: affine replacements: parents per unit and relative ridge.
+        parents, ridge: affine replacements: parents per unit (``"all"``/None: every kept unit,
+            one dense least-squares fit per site) and ridge relative to the mean kept-unit variance.
         curvature: ``auto``, ``exact`` or ``sampled`` Gauss-Newton curvature.
         loss: ``auto`` (cross-entropy with labels, else KL to the model's prediction), ``ce``, ``kl``.
 
@@ -210,8 +214,9 @@ def compile(
     nn.Modules), a Hugging Face directory (ends with ``/``; Hugging Face inputs whose layers keep
     equal widths), or ``.onnx``; ``onnx`` additionally exports the reduced model to that file.
     """
+    from cmrtool.affine import check_parents, check_ridge
     from cmrtool.compile import check_allocation, compile_model, output_kind
-    from cmrtool.criteria import REPLACEMENT_MODES, get_criterion
+    from cmrtool.criteria import AFFINE_MODES, REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
     from cmrtool.errors import InputError
     from cmrtool.io import check_output_path, read_bytes
@@ -225,6 +230,10 @@ def compile(
         raise UsageError("compile needs --keep or --keep-count", "e.g. --keep 0.5 keeps half the units of each site")
     if replacement not in REPLACEMENT_MODES:
         raise UsageError(f"unknown replacement '{replacement}'", f"choose one of: {', '.join(REPLACEMENT_MODES)}")
+    parents = check_parents(parents)
+    check_ridge(ridge)
+    if replacement == "affine-nobias" and parents is not None:
+        raise UsageError("--replacement affine-nobias fits on every kept unit", "drop --parents (or pass --parents all)")
     check_curvature(curvature)
     check_loss(loss)
     if schedule < 1:
@@ -232,8 +241,8 @@ def compile(
     score_path = scores if isinstance(scores, (str, Path)) else None
     if scores is None and calib is None:
         raise UsageError("compile needs --calib (to score) or --scores (from cmrtool score --json)", "e.g. cmrtool compile model.pt --calib calib.safetensors --keep 0.5 -o reduced.pt")
-    if calib is None and (joint_refit or schedule > 1 or replacement == "affine"):
-        what = "--joint-refit" if joint_refit else "--schedule" if schedule > 1 else "--replacement affine"
+    if calib is None and (joint_refit or schedule > 1 or replacement in AFFINE_MODES):
+        what = "--joint-refit" if joint_refit else "--schedule" if schedule > 1 else f"--replacement {replacement}"
         raise UsageError(f"{what} needs calibration data", "pass --calib")
     if scores is not None and schedule > 1:
         raise UsageError("--schedule re-scores the model after every step, so it cannot start from --scores", "drop --scores and pass --calib")

@@ -1,0 +1,152 @@
+"""Least-squares compensation: replaced units refit on ALL kept units of their site (CMR A.5).
+
+Pure functions of a site's streamed statistics (count, mean, covariance in float64) and its
+consumer weights, so a per-block engine inherits them. For kept units K and replaced units S
+with mean μ and covariance Σ (second moments ``G = Σ + μμᵀ`` for the intercept-free fit):
+
+**Dense ridge fit** (:func:`dense_fit`), every replaced unit at once::
+
+    B = Σ_SK (Σ_KK + λI)⁻¹,   β0 = μ_S − B μ_K,   λ = ridge · mean_k Σ_kk
+
+solved by one Cholesky factorisation of the |K|×|K| block and one triangular solve with |S|
+right-hand sides. Intercept-free (``intercept=False``, for consumers whose format holds no
+bias): ``B = G_SK (G_KK + λI)⁻¹`` with λ relative to the mean second moment, ``β0 = 0``.
+
+**Fold** (A.5, Theorem 1's affine case): a linear consumer ``u = W a + b`` becomes
+``W'[:, K] = W[:, K] + W[:, S] B``ᵀ-wise, i.e. ``W'_K = W_K + W_S B`` and ``b' = b + W_S β0``
+(:mod:`cmrtool.fold`).
+
+**Residual** (:func:`residual_covariance`): the covariance left in ``a_S − (β0 + B a_K)``,
+``Σ_SS − B Σ_KS − Σ_SK Bᵀ + B Σ_KK Bᵀ``; at λ = 0 it is the Schur complement
+``Σ_SS − Σ_SK Σ_KK⁻¹ Σ_KS``. A linear consumer's output distortion is ``tr(W_S R W_Sᵀ)``.
+
+**Greedy OBS removal** (:func:`greedy_removal`): the distortion after refitting S on K is
+``tr(W_S (P_SS)⁻¹ W_Sᵀ)`` with ``P = (Σ + λI)⁻¹``. Removing one more unit j from the kept set
+(the others refit) adds ``‖W'_{:,j}‖² / P_jj``, where W' are the consumer weights with the
+earlier removals already folded in; then ``W' ← W' − W'_{:,j} P_{j,:} / P_jj`` and
+``P ← P − P_{:,j} P_{j,:} / P_jj`` (rank-one updates, Optimal Brain Surgeon for a linear
+layer). The first step's cost is ``‖W_{:,j}‖² · Var[a_j | all other units]``: the local
+replaceability of ``two-axis-local-replaceability`` (residual variance given the peers) times
+the consumer column norm². Running to the end gives one nested removal order, so any keep
+fraction's kept set is a suffix of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["damping", "dense_fit", "residual_covariance", "greedy_removal", "removal_scores"]
+
+
+def damping(diag: torch.Tensor, ridge: float) -> float:
+    """λ = ridge · mean of ``diag`` (the kept units' variances): scale-free ridge."""
+    return float(ridge * diag.mean().clamp_min(1e-30)) if diag.numel() else 0.0
+
+
+def _cholesky(a: torch.Tensor, lam: float) -> torch.Tensor:
+    """Cholesky factor of ``a + λI``; more damping (×10 at a time) if ``a`` is not positive
+    definite in float64 (e.g. duplicated units with ridge 0)."""
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    extra = lam if lam > 0 else 1e-12 * float(a.diagonal().abs().mean().clamp_min(1e-30))
+    lam_try = lam
+    for _ in range(12):
+        factor, info = torch.linalg.cholesky_ex(a + lam_try * eye)
+        if int(info) == 0:
+            return factor
+        extra *= 10
+        lam_try = lam + extra
+    raise ValueError("the kept units' covariance is not positive definite even with damping")
+
+
+def dense_fit(
+    mean: torch.Tensor, cov: torch.Tensor, kept: Sequence[int], replaced: Sequence[int], ridge: float, intercept: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """β0 ``(|S|,)`` and B ``(|S|, |K|)`` of the ridge fit ``a_S ≈ β0 + B a_K`` (float64).
+
+    Only the K×K and S×K blocks of the covariance are read (the S×S block is never formed).
+    """
+    k = torch.as_tensor(list(kept), dtype=torch.long)
+    s = torch.as_tensor(list(replaced), dtype=torch.long)
+    mean = mean.to(torch.float64)
+    g_kk = cov.index_select(0, k).index_select(1, k).to(torch.float64)
+    g_sk = cov.index_select(0, s).index_select(1, k).to(torch.float64)
+    if not intercept:  # uncentered second moments: the fit through the origin
+        g_kk.add_(torch.outer(mean[k], mean[k]))
+        g_sk.add_(torch.outer(mean[s], mean[k]))
+    if k.numel() == 0:
+        return (mean[s].clone() if intercept else torch.zeros(s.numel(), dtype=torch.float64)), g_sk
+    factor = _cholesky(g_kk, damping(g_kk.diagonal(), ridge))
+    coef = torch.cholesky_solve(g_sk.T.contiguous(), factor).T.contiguous()  # one solve, |S| right-hand sides
+    b0 = mean[s] - coef @ mean[k] if intercept else torch.zeros(s.numel(), dtype=torch.float64)
+    return b0, coef
+
+
+def residual_covariance(
+    mean: torch.Tensor, cov: torch.Tensor, kept: Sequence[int], replaced: Sequence[int], b0: torch.Tensor, coef: torch.Tensor
+) -> torch.Tensor:
+    """Second moments of the fit's residual ``r = a_S − β0 − B a_K`` (|S|×|S|), from μ and Σ.
+
+    ``E[r rᵀ] = (Σ_SS − BΣ_KS − Σ_SK Bᵀ + BΣ_KK Bᵀ) + m mᵀ`` with ``m = μ_S − β0 − Bμ_K`` (zero
+    for the fit with intercept).
+    """
+    k = torch.as_tensor(list(kept), dtype=torch.long)
+    s = torch.as_tensor(list(replaced), dtype=torch.long)
+    c = cov.to(torch.float64)
+    c_ss, c_sk, c_kk = c[s][:, s], c[s][:, k], c[k][:, k]
+    r = c_ss - coef @ c_sk.T - c_sk @ coef.T + coef @ c_kk @ coef.T
+    m = mean[s].to(torch.float64) - b0 - coef @ mean[k].to(torch.float64)
+    return r + torch.outer(m, m)
+
+
+def greedy_removal(cov: torch.Tensor, weights: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy OBS removal order of every unit and the distortion each removal adds.
+
+    Args:
+        cov: the site's covariance ``(width, width)``.
+        weights: the consumer weights as ``(rows, width)``: column j is everything unit j feeds.
+        ridge: λ = ridge · mean unit variance, added to the diagonal of Σ.
+
+    Returns:
+        ``order`` (long, width): unit removed at each step; ``added`` (float64): the output
+        distortion ``‖W'_{:,j}‖²/P_jj`` that step adds (W' with earlier removals folded in).
+        Ties go to the lower index, so the order is deterministic.
+    """
+    n = cov.shape[0]
+    c = cov.to(torch.float64)
+    p = torch.cholesky_inverse(_cholesky(c, damping(c.diagonal(), ridge)))
+    w = weights.to(torch.float64).clone()
+    alive = torch.ones(n, dtype=torch.bool)
+    order = torch.empty(n, dtype=torch.long)
+    added = torch.empty(n, dtype=torch.float64)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    for t in range(n):
+        diag = p.diagonal()
+        cost = torch.where(alive & (diag > 0), w.square().sum(0) / diag.clamp_min(1e-300), inf)
+        if not bool(torch.isfinite(cost).any()):  # numerically exhausted: the rest cost their own column
+            cost = torch.where(alive, w.square().sum(0) * c.diagonal(), inf)
+        j = int(torch.argmin(cost))  # first minimum: the lower index on ties
+        order[t], added[t] = j, cost[j]
+        pj = p[j].clone()
+        if float(pj[j]) > 0:
+            w.sub_(torch.outer(w[:, j] / pj[j], pj))  # refit the others: fold j's column onto them
+            p.sub_(torch.outer(pj, pj) / pj[j])
+        alive[j] = False
+        w[:, j] = 0.0
+        p[j, :] = 0.0
+        p[:, j] = 0.0
+    return order, added
+
+
+def removal_scores(order: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+    """Per-unit scores from a removal order: the cumulative distortion when the unit goes,
+    made strictly increasing along the order, so keeping the k highest scores keeps exactly the
+    last k units of the order (the greedy's nested kept sets)."""
+    total = torch.cumsum(added.clamp_min(0.0), 0)
+    for t in range(1, total.numel()):
+        if total[t] <= total[t - 1]:
+            total[t] = torch.nextafter(total[t - 1], torch.tensor(float("inf"), dtype=torch.float64))
+    scores = torch.empty_like(total)
+    scores[order] = total
+    return scores
