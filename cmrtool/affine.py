@@ -231,7 +231,7 @@ def fit_dense(
     freed as soon as its fit is made. ``progress`` counts ``data.n`` in total.
     """
     from cmrtool.fold import unit_rows
-    from cmrtool.lsq import dense_fit
+    from cmrtool.lsq import fit_blocks
 
     todo = [s for s in sites if replaced[s.name]]
     out: dict[str, Replacement] = {}
@@ -249,11 +249,14 @@ def fit_dense(
                     n = len(batch)
                     progress(n * (i + 1) // len(chunks) - n * i // len(chunks))
         for s in chunk:
+            # Gather the K×K and S×K blocks, then free the accumulator before factorising: a
+            # 14,336-unit FFN at keep 0.5 holds 1.6 GB, then 2 × 0.4 GB blocks and the factor.
             c = com.pop(s.name)
-            k_ch, s_ch = unit_rows(kept[s.name], s.group).tolist(), unit_rows(replaced[s.name], s.group).tolist()
-            b0, coef = dense_fit(c.mean, c.cov, k_ch, s_ch, ridge, intercept)
-            out[s.name] = Replacement.dense_affine(b0, coef)
+            k_ch, s_ch = unit_rows(kept[s.name], s.group), unit_rows(replaced[s.name], s.group)
+            mean, g_kk, g_sk = c.mean, c.block(k_ch, k_ch), c.block(s_ch, k_ch)
             del c
+            b0, coef = fit_blocks(mean[k_ch], mean[s_ch], g_kk, g_sk, ridge, intercept)
+            out[s.name] = Replacement.dense_affine(b0, coef)
     return out
 
 

@@ -34,10 +34,11 @@ fraction's kept set is a suffix of it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["damping", "dense_fit", "residual_covariance", "greedy_removal", "removal_scores"]
+__all__ = ["damping", "dense_fit", "fit_blocks", "residual_covariance", "greedy_removal", "removal_scores"]
 
 
 def damping(diag: torch.Tensor, ridge: float) -> float:
@@ -46,13 +47,16 @@ def damping(diag: torch.Tensor, ridge: float) -> float:
 
 
 def _cholesky(a: torch.Tensor, lam: float) -> torch.Tensor:
-    """Cholesky factor of ``a + λI``; more damping (×10 at a time) if ``a`` is not positive
-    definite in float64 (e.g. duplicated units with ridge 0)."""
-    eye = torch.eye(a.shape[0], dtype=a.dtype)
-    extra = lam if lam > 0 else 1e-12 * float(a.diagonal().abs().mean().clamp_min(1e-30))
+    """Cholesky factor of ``a + λI`` (``a``'s diagonal is shifted in place and restored); more
+    damping (×10 at a time) if it is not positive definite in float64 (e.g. duplicated units
+    with ridge 0)."""
+    diag = a.diagonal()
+    extra = lam if lam > 0 else 1e-12 * float(diag.abs().mean().clamp_min(1e-30))
     lam_try = lam
     for _ in range(12):
-        factor, info = torch.linalg.cholesky_ex(a + lam_try * eye)
+        diag.add_(lam_try)
+        factor, info = torch.linalg.cholesky_ex(a)
+        diag.sub_(lam_try)
         if int(info) == 0:
             return factor
         extra *= 10
@@ -60,26 +64,42 @@ def _cholesky(a: torch.Tensor, lam: float) -> torch.Tensor:
     raise ValueError("the kept units' covariance is not positive definite even with damping")
 
 
+def _block(cov: Any, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``cov[rows][:, cols]`` in float64, gathered directly (a tensor, or an accumulator with
+    ``block(rows, cols)`` such as :class:`cmrtool.stats.Comoments`)."""
+    if isinstance(cov, torch.Tensor):
+        return cov[rows[:, None], cols[None, :]].to(torch.float64)
+    return cov.block(rows, cols)
+
+
 def dense_fit(
-    mean: torch.Tensor, cov: torch.Tensor, kept: Sequence[int], replaced: Sequence[int], ridge: float, intercept: bool = True
+    mean: torch.Tensor, cov: Any, kept: Sequence[int], replaced: Sequence[int], ridge: float, intercept: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """β0 ``(|S|,)`` and B ``(|S|, |K|)`` of the ridge fit ``a_S ≈ β0 + B a_K`` (float64).
 
-    Only the K×K and S×K blocks of the covariance are read (the S×S block is never formed).
+    ``cov`` is the covariance matrix or an accumulator with ``block``; only its K×K and S×K
+    blocks are read (the S×S block is never formed).
     """
     k = torch.as_tensor(list(kept), dtype=torch.long)
     s = torch.as_tensor(list(replaced), dtype=torch.long)
     mean = mean.to(torch.float64)
-    g_kk = cov.index_select(0, k).index_select(1, k).to(torch.float64)
-    g_sk = cov.index_select(0, s).index_select(1, k).to(torch.float64)
+    return fit_blocks(mean[k], mean[s], _block(cov, k, k), _block(cov, s, k), ridge, intercept)
+
+
+def fit_blocks(
+    mean_k: torch.Tensor, mean_s: torch.Tensor, g_kk: torch.Tensor, g_sk: torch.Tensor, ridge: float, intercept: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dense_fit` from the covariance blocks Σ_KK and Σ_SK (overwritten: the caller's
+    copies, so no further |K|² buffers are made besides the Cholesky factor)."""
     if not intercept:  # uncentered second moments: the fit through the origin
-        g_kk.add_(torch.outer(mean[k], mean[k]))
-        g_sk.add_(torch.outer(mean[s], mean[k]))
-    if k.numel() == 0:
-        return (mean[s].clone() if intercept else torch.zeros(s.numel(), dtype=torch.float64)), g_sk
+        g_kk.add_(torch.outer(mean_k, mean_k))
+        g_sk.add_(torch.outer(mean_s, mean_k))
+    if mean_k.numel() == 0:
+        return (mean_s.clone() if intercept else torch.zeros_like(mean_s)), g_sk
     factor = _cholesky(g_kk, damping(g_kk.diagonal(), ridge))
+    del g_kk
     coef = torch.cholesky_solve(g_sk.T.contiguous(), factor).T.contiguous()  # one solve, |S| right-hand sides
-    b0 = mean[s] - coef @ mean[k] if intercept else torch.zeros(s.numel(), dtype=torch.float64)
+    b0 = mean_s - coef @ mean_k if intercept else torch.zeros_like(mean_s)
     return b0, coef
 
 

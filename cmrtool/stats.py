@@ -238,6 +238,12 @@ class Comoments:
             return torch.zeros(self.width, dtype=torch.float64)
         return self._shift + self._s1 / max(self.count, 1)
 
+    def block(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``cov[rows][:, cols]`` without forming the full covariance (one gather of the block)."""
+        n = max(self.count, 1)
+        out = self._s2[rows[:, None], cols[None, :]]
+        return out.sub_(torch.outer(self._s1[rows], self._s1[cols]), alpha=1.0 / n).div_(n)
+
     @property
     def c(self) -> torch.Tensor:
         """The co-moment matrix ``Σ (a − ā)(a − ā)ᵀ`` (a new tensor)."""
