@@ -16,7 +16,7 @@ Modes: ``dense`` (no reduction), ``delete`` (``--replacement zero``: units remov
 folded), ``mean`` (cmrtool's default: the calibration mean folded into a bias), ``affine``
 (ridge refit on all kept units, CMR A.5), ``affine+seq`` (the same with ``--calibration
 sequential``, when the installed cmrtool has it), ``lsq+affine`` (``--criterion cmr-lsq``),
-``lsq+affine+seq``, and ``affine-nobias`` (intercept-free). The last line checks the issue's
+``lsq+affine+seq``, ``affine-nobias`` (intercept-free) and ``lsq+affine-nobias``. The last line checks the issue's
 target: at keep 0.5 the best mode's perplexity increase over dense is at most a quarter of the
 mean fold's.
 """
@@ -41,6 +41,7 @@ MODES = {
     "lsq+affine": ["--criterion", "cmr-lsq", "--replacement", "affine"],
     "lsq+affine+seq": ["--criterion", "cmr-lsq", "--replacement", "affine", "--calibration", "sequential"],
     "affine-nobias": ["--replacement", "affine-nobias"],
+    "lsq+affine-nobias": ["--criterion", "cmr-lsq", "--replacement", "affine-nobias"],
 }
 
 

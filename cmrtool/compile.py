@@ -315,16 +315,28 @@ class FoldError:
     samples: int
 
 
+_CHECK_BYTES = 64 << 20  # logits per fold-check pass (a language model's are tokens × vocab)
+
+
 def fold_error(original: Any, reduced: Any, plan: Plan, inputs: Sequence[torch.Tensor]) -> FoldError:
-    """Measure the fold error of ``reduced`` against ``original`` clamped by ``plan``."""
+    """Measure the fold error of ``reduced`` against ``original`` clamped by ``plan``, in passes
+    whose logits take about ``_CHECK_BYTES`` (sized from the first sample's)."""
     ranks = site_ranks(original, inputs, [s.name for s in plan.sites])
     edits = clamp_edits(original, plan, ranks)
+    n = int(inputs[0].shape[0])
+    diff, scale, start, size = 0.0, 0.0, 0, 1
     with torch.no_grad():
-        clamped, _ = original.run(inputs, edits=edits)
-        out = reduced.forward(inputs)
-    diff = (out.to(torch.float64) - clamped.to(torch.float64)).abs().max().item()
-    scale = max(clamped.to(torch.float64).abs().max().item(), 1e-30)
-    return FoldError(diff, diff / scale, int(inputs[0].shape[0]))
+        while start < n:
+            chunk = [t[start : start + size] for t in inputs]
+            clamped, _ = original.run(chunk, edits=edits)
+            out = reduced.forward(chunk)
+            diff = max(diff, (out.to(torch.float64) - clamped.to(torch.float64)).abs().max().item())
+            scale = max(scale, clamped.to(torch.float64).abs().max().item())
+            start += size
+            per_sample = clamped.numel() * 8 // max(int(clamped.shape[0]) if clamped.dim() else 1, 1)
+            size = max(1, _CHECK_BYTES // max(per_sample, 1))
+    scale = max(scale, 1e-30)
+    return FoldError(diff, diff / scale, n)
 
 
 @dataclass(frozen=True)
