@@ -120,13 +120,15 @@ def residual_covariance(
     return r + torch.outer(m, m)
 
 
-def greedy_removal(cov: torch.Tensor, weights: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_removal(cov: torch.Tensor, weights: torch.Tensor, ridge: float, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy OBS removal order of every unit and the distortion each removal adds.
 
     Args:
         cov: the site's covariance ``(width, width)``.
         weights: the consumer weights as ``(rows, width)``: column j is everything unit j feeds.
         ridge: λ = ridge · mean unit variance, added to the diagonal of Σ.
+        block: rank-one updates deferred and applied together (one matrix product) every
+            ``block`` removals; the step itself reads one column of P and W and ``Wᵀv``.
 
     Returns:
         ``order`` (long, width): unit removed at each step; ``added`` (float64): the output
@@ -135,27 +137,46 @@ def greedy_removal(cov: torch.Tensor, weights: torch.Tensor, ridge: float) -> tu
     """
     n = cov.shape[0]
     c = cov.to(torch.float64)
-    p = torch.cholesky_inverse(_cholesky(c, damping(c.diagonal(), ridge)))
-    w = weights.to(torch.float64).clone()
+    p0 = torch.cholesky_inverse(_cholesky(c.clone(), damping(c.diagonal(), ridge)))
+    w0 = weights.to(torch.float64).clone()
+    # Current P = p0 − U Uᵀ and W' = w0 − V Uᵀ, with u = P_{:,j}/√P_jj, v = W'_{:,j}/√P_jj per
+    # removal since the last flush; diag(P) and the column norms of W' are kept up to date.
+    u_buf = torch.zeros(n, block, dtype=torch.float64)
+    v_buf = torch.zeros(w0.shape[0], block, dtype=torch.float64)
+    t = 0
+    diag, norms = p0.diagonal().clone(), w0.square().sum(0)
     alive = torch.ones(n, dtype=torch.bool)
     order = torch.empty(n, dtype=torch.long)
     added = torch.empty(n, dtype=torch.float64)
     inf = torch.tensor(float("inf"), dtype=torch.float64)
-    for t in range(n):
-        diag = p.diagonal()
-        cost = torch.where(alive & (diag > 0), w.square().sum(0) / diag.clamp_min(1e-300), inf)
-        if not bool(torch.isfinite(cost).any()):  # numerically exhausted: the rest cost their own column
-            cost = torch.where(alive, w.square().sum(0) * c.diagonal(), inf)
+    for step in range(n):
+        ok = alive & (diag > 1e-300)
+        if not bool(ok.any()):  # numerically exhausted: the rest cost their own column
+            cost = torch.where(alive, norms * c.diagonal(), inf)
+        else:
+            cost = torch.where(ok, norms.clamp_min(0.0) / diag.clamp_min(1e-300), inf)
         j = int(torch.argmin(cost))  # first minimum: the lower index on ties
-        order[t], added[t] = j, cost[j]
-        pj = p[j].clone()
-        if float(pj[j]) > 0:
-            w.sub_(torch.outer(w[:, j] / pj[j], pj))  # refit the others: fold j's column onto them
-            p.sub_(torch.outer(pj, pj) / pj[j])
+        order[step], added[step] = j, cost[j]
         alive[j] = False
-        w[:, j] = 0.0
-        p[j, :] = 0.0
-        p[:, j] = 0.0
+        uj = u_buf[j, :t]
+        pj = p0[:, j] - u_buf[:, :t] @ uj
+        if float(pj[j]) <= 1e-300:
+            continue
+        root = float(pj[j]) ** 0.5
+        u = pj / root
+        v = (w0[:, j] - v_buf[:, :t] @ uj) / root
+        wv = w0.T @ v - u_buf[:, :t] @ (v_buf[:, :t].T @ v)  # W'ᵀ v
+        norms.add_(u * u * float(v @ v) - 2 * u * wv)
+        diag.sub_(u * u)
+        u_buf[:, t], v_buf[:, t] = u, v
+        t += 1
+        if t == block:  # apply the deferred updates, and resync the running diagonal and norms
+            p0.sub_(u_buf @ u_buf.T)
+            w0.sub_(v_buf @ u_buf.T)
+            u_buf.zero_()
+            v_buf.zero_()
+            t = 0
+            diag, norms = p0.diagonal().clone(), w0.square().sum(0)
     return order, added
 
 

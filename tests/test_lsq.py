@@ -219,6 +219,8 @@ def test_greedy_removal_costs_are_the_refit_distortion():
             assert abs(float(distortion) - best) <= 1e-7 * best
     scores = removal_scores(order, added)
     assert torch.equal(torch.argsort(scores), order)
+    o3, a3 = greedy_removal(cov, w, ridge=0.0, block=3)  # deferred updates flushed mid-way: same result
+    assert torch.equal(o3, order) and torch.allclose(a3, added, rtol=1e-8, atol=1e-12 * float(added.max()))
 
 
 @pytest.mark.parametrize(("args", "text"), [
