@@ -97,6 +97,8 @@ class Replacement:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Replacement:
+        if not isinstance(d, dict):
+            raise TypeError(f"a replacement is a {type(d).__name__}, not an object")
         matrix = b""
         if d.get("matrix") is not None:
             if d.get("matrix_dtype", "float32") != "float32":
