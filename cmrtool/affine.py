@@ -187,15 +187,12 @@ def fit_affine(
         from cmrtool.errors import UsageError
 
         raise UsageError("--replacement affine-nobias fits on every kept unit", "drop --parents (or pass --parents all)")
-    com = {s.name: Comoments(s.width) for s in sites}
-    names = [s.name for s in sites]
-    with torch.no_grad():
-        for batch in data.batches(batch_size, limit, labels=False):
-            _, values = model.run(list(batch.inputs), capture=names)
-            for s in sites:
-                com[s.name].update_value(values[s.name], s.unit_axis)
-            if progress is not None:
-                progress(len(batch))
+    grouped = [s.name for s in sites if s.group != 1]
+    if grouped:
+        from cmrtool.errors import UsageError
+
+        raise UsageError(f"site {grouped[0]} is grouped (attention heads): its affine fit uses every kept head", "drop --parents (or pass --parents all)")
+    com = _comoments(model, data, sites, batch_size, limit, progress)
     chosen = {s.name: choose_parents(com[s.name].cov, replaced[s.name], kept[s.name], parents) for s in sites}
     if not weighted:
         out = {}
@@ -204,6 +201,23 @@ def fit_affine(
             out[s.name] = ([f[0] for f in fits], [chosen[s.name][j] for j in replaced[s.name]], [f[1] for f in fits])
         return out
     return _weighted_fits(model, data, sites, replaced, chosen, com, ridge, curvature, seed, batch_size, limit, progress)
+
+
+def _comoments(
+    model: Any, data: Dataset, sites: Sequence[Site], batch_size: int, limit: int | None, progress: Callable[[int], None] | None,
+) -> dict[str, Comoments]:
+    """One pass over the data: each site's mean and co-moments over its channels."""
+    com = {s.name: Comoments(s.channels) for s in sites}
+    names = [s.name for s in sites]
+    with torch.no_grad():
+        for batch in data.batches(batch_size, limit, labels=False):
+            _, values = model.run(list(batch.inputs), capture=names)
+            for s in sites:
+                com[s.name].update_value(values[s.name], s.unit_axis)
+            del values
+            if progress is not None:
+                progress(len(batch))
+    return com
 
 
 def _site_chunks(sites: Sequence[Site], budget: int) -> list[list[Site]]:
@@ -237,17 +251,9 @@ def fit_dense(
     out: dict[str, Replacement] = {}
     chunks = _site_chunks(todo, gram_budget)
     for i, chunk in enumerate(chunks):
-        com = {s.name: Comoments(s.channels) for s in chunk}
-        names = [s.name for s in chunk]
-        with torch.no_grad():
-            for batch in data.batches(batch_size, limit, labels=False):
-                _, values = model.run(list(batch.inputs), capture=names)
-                for s in chunk:
-                    com[s.name].update_value(values[s.name], s.unit_axis)
-                del values
-                if progress is not None:  # every pass advances 1/len(chunks) of the batch: data.n in all
-                    n = len(batch)
-                    progress(n * (i + 1) // len(chunks) - n * i // len(chunks))
+        # Every pass advances 1/len(chunks) of each batch: data.n in all.
+        share = None if progress is None else (lambda n, i=i: progress(n * (i + 1) // len(chunks) - n * i // len(chunks)))
+        com = _comoments(model, data, chunk, batch_size, limit, share)
         for s in chunk:
             # Gather the K×K and S×K blocks, then free the accumulator before factorising: a
             # 14,336-unit FFN at keep 0.5 holds 1.6 GB, then 2 × 0.4 GB blocks and the factor.

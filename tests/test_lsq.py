@@ -239,3 +239,13 @@ def test_bad_affine_options_are_clean_usage_errors(args, text, cli, tmp_path):
     lines = r.err.strip().splitlines()
     assert sum(ln.startswith("error: ") for ln in lines) == 1 and text in r.err and sum(ln.startswith("hint: ") for ln in lines) == 1, r.err
     assert "Traceback" not in r.err and r.out == "" and not (tmp_path / "r.pt").exists()
+
+
+def test_heads_take_every_kept_head_as_parents(hf, tmp_path):
+    from cmrtool import api
+    from cmrtool.errors import UsageError
+
+    dirs, data = hf
+    with pytest.raises(UsageError, match="grouped"):
+        api.compile(dirs["llama"], tmp_path / "r.safetensors", calib=data, kinds=["head"], keep=0.5, replacement="affine", parents=1)
+    assert not (tmp_path / "r.safetensors").exists()
