@@ -32,7 +32,10 @@ CONFIGS = [
     ("cmr-const", {"loss": "kl", "replacement": "optimal"}),
     ("cmr-const", {"joint_refit": True}),
     ("cmr-affine", {}),
+    ("cmr-affine", {"parents": 8}),
     ("peer", {}),
+    ("peer", {"parents": 8}),
+    ("cmr-lsq", {}),
     ("vbp", {}),
     ("vbp", {"replacement": "affine"}),
     ("taylor", {}),
@@ -51,7 +54,9 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--swaps", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default=None, help="comma-separated criteria: run only their configurations")
     args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     api.configure(args.threads)
     calib, held = SAMPLES / "calib.safetensors", SAMPLES / "eval.safetensors"
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,6 +65,8 @@ def main() -> None:
             print("| configuration | accuracy | agreement | KL | IIA (all sites) |")
             print("|---|---:|---:|---:|---:|")
             for criterion, opts in CONFIGS:
+                if only is not None and criterion not in only:
+                    continue
                 out = Path(tmp) / "r.pt"
                 api.compile(SAMPLES / f"{name}.pt", out, calib=calib, criterion=criterion, sites=sites, keep=args.keep, force=True, **opts)
                 v = api.verify(SAMPLES / f"{name}.pt", out, held, swaps=args.swaps).to_json()

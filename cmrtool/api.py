@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 from cmrtool.errors import UsageError
-from cmrtool.options import check_affine, check_at_least, check_thresholds
+from cmrtool.options import check_at_least, check_thresholds
 
 __all__ = ["configure", "tune_malloc", "open_model", "inspect", "score", "compile", "verify", "bench", "audit", "sweep", "ProgressFactory", "default_threads", "usable_cpus"]
 
@@ -141,7 +141,7 @@ def score(
     limit: int | None = None,
     progress: ProgressFactory | None = None,
     curvature: str = "auto",
-    parents: int = 8,
+    parents: int | str | None = "all",
     ridge: float = 1e-3,
     loss: str = "auto",
     arch: str | None = None,
@@ -152,11 +152,14 @@ def score(
     from cmrtool.scoring import score_model, select_sites
     from cmrtool.sensitivity import check_curvature, check_loss
 
+    from cmrtool.affine import check_parents, check_ridge
+
     _single_stdin(path, calib)
     get_criterion(criterion)
     check_curvature(curvature)
     check_loss(loss)
-    check_affine(parents, ridge)
+    parents = check_parents(parents)
+    check_ridge(ridge)
     model = open_model(path, arch, calib)
     model.require_sites()
     chosen = select_sites(model.sites, sites, kinds)
@@ -187,7 +190,7 @@ def compile(
     allocation: str = "site",
     schedule: int = 1,
     joint_refit: bool = False,
-    parents: int = 8,
+    parents: int | str | None = "all",
     ridge: float = 1e-3,
     curvature: str = "auto",
     loss: str = "auto",
@@ -205,7 +208,8 @@ def compile(
         allocation: ``site`` or ``global`` (rank all sites' units together).
         schedule: re-score after each of this many steps towards ``keep`` (iterative reduction).
         joint_refit: fit each site's constants jointly under the full curvature of the logits.
-        parents, ridge: affine replacements: parents per unit and relative ridge.
+        parents, ridge: affine replacements: parents per unit (``"all"``/None: every kept unit,
+            one dense least-squares fit per site) and ridge relative to the mean kept-unit variance.
         curvature: ``auto``, ``exact`` or ``sampled`` Gauss-Newton curvature.
         loss: ``auto`` (cross-entropy with labels, else KL to the model's prediction), ``ce``, ``kl``.
 
@@ -213,8 +217,9 @@ def compile(
     nn.Modules), a Hugging Face directory (ends with ``/``; Hugging Face inputs whose layers keep
     equal widths), or ``.onnx``; ``onnx`` additionally exports the reduced model to that file.
     """
+    from cmrtool.affine import check_parents, check_ridge
     from cmrtool.compile import check_allocation, compile_model, output_kind
-    from cmrtool.criteria import REPLACEMENT_MODES, get_criterion
+    from cmrtool.criteria import AFFINE_MODES, REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
     from cmrtool.errors import InputError
     from cmrtool.io import check_output_name, check_output_path, read_bytes
@@ -228,17 +233,20 @@ def compile(
         raise UsageError("compile needs --keep or --keep-count", "e.g. --keep 0.5 keeps half the units of each site")
     if replacement not in REPLACEMENT_MODES:
         raise UsageError(f"unknown replacement '{replacement}'", f"choose one of: {', '.join(REPLACEMENT_MODES)}")
+    parents = check_parents(parents)
+    check_ridge(ridge)
+    if replacement == "affine-nobias" and parents is not None:
+        raise UsageError("--replacement affine-nobias fits on every kept unit", "drop --parents (or pass --parents all)")
     check_curvature(curvature)
     check_loss(loss)
-    check_affine(parents, ridge)
     check_at_least("--check-samples", check_samples, 0, "256 (0 skips the fold check)")
     if schedule < 1:
         raise UsageError(f"--schedule must be at least 1, got {schedule}", "e.g. --schedule 4 re-scores after each of 4 steps")
     score_path = scores if isinstance(scores, (str, Path)) else None
     if scores is None and calib is None:
         raise UsageError("compile needs --calib (to score) or --scores (from cmrtool score --json)", "e.g. cmrtool compile model.pt --calib calib.safetensors --keep 0.5 -o reduced.pt")
-    if calib is None and (joint_refit or schedule > 1 or replacement == "affine"):
-        what = "--joint-refit" if joint_refit else "--schedule" if schedule > 1 else "--replacement affine"
+    if calib is None and (joint_refit or schedule > 1 or replacement in AFFINE_MODES):
+        what = "--joint-refit" if joint_refit else "--schedule" if schedule > 1 else f"--replacement {replacement}"
         raise UsageError(f"{what} needs calibration data", "pass --calib")
     if scores is not None and schedule > 1:
         raise UsageError("--schedule re-scores the model after every step, so it cannot start from --scores", "drop --scores and pass --calib")

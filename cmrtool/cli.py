@@ -73,7 +73,7 @@ KeepOpt = Annotated[Optional[float], typer.Option("--keep", help="Fraction of ea
 KeepCountOpt = Annotated[Optional[int], typer.Option("--keep-count", help="Number of units to keep per site (instead of --keep).", show_default=False)]
 RoundOpt = Annotated[Optional[int], typer.Option("--round-to", help="Keep a multiple of N units per site (GPU-friendly widths).", show_default=False)]
 CurvatureOpt = Annotated[str, typer.Option("--curvature", help="Gauss-Newton curvature for cmr-const, cmr-affine, optimal constants and joint refits: auto (closed form for sites feeding the logits, else one sampled draw per sample), exact (one backward pass per class), sampled.")]
-ParentsOpt = Annotated[int, typer.Option("--parents", help="Affine replacements: kept parent units per replaced unit (the most correlated).")]
+ParentsOpt = Annotated[str, typer.Option("--parents", help="Affine replacements: 'all' (every kept unit of the site: one dense least-squares fit, folded into the consumer's kept columns and bias) or N, the N most correlated kept units per replaced unit. E.g. --parents all, --parents 16.")]
 LossOpt = Annotated[str, typer.Option("--loss", help="Loss for gradients and curvature: auto (cross-entropy on the data's labels, else KL to the model's own prediction), ce, kl.")]
 RidgeOpt = Annotated[float, typer.Option("--ridge", help="Affine replacements and peer R²: ridge, relative to the mean unit variance.")]
 
@@ -144,7 +144,7 @@ def score(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use at most this many calibration samples.", show_default=False)] = None,
     curvature: CurvatureOpt = "auto",
     loss: LossOpt = "auto",
-    parents: ParentsOpt = 8,
+    parents: ParentsOpt = "all",
     ridge: RidgeOpt = 1e-3,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
@@ -200,11 +200,11 @@ def compile_(
     keep_count: KeepCountOpt = None,
     round_to: RoundOpt = None,
     criterion: CriterionOpt = DEFAULT_CRITERION,
-    replacement: Annotated[str, typer.Option("--replacement", help=f"What replaced units become: {', '.join(REPLACEMENT_MODES)} (auto = the criterion's choice; zero = delete without folding; optimal = c* of the loss proxy; affine = a ridge fit on kept parent units).")] = "auto",
+    replacement: Annotated[str, typer.Option("--replacement", help=f"What replaced units become: {', '.join(REPLACEMENT_MODES)} (auto = the criterion's choice; zero = delete without folding; optimal = c* of the loss proxy; affine = a ridge fit on kept parent units; affine-nobias = the same without intercept, for consumers without a bias; e.g. --criterion cmr-lsq --replacement affine).")] = "auto",
     allocation: Annotated[str, typer.Option("--allocation", help=f"{' or '.join(ALLOCATIONS)}: keep the fraction per site, or rank all sites' units together (criteria on a common scale: cmr-const, gndi, cmr-logit on sites feeding the logits).")] = "site",
     schedule: Annotated[int, typer.Option("--schedule", help="Reduce in K steps, re-scoring the partly reduced model after each (iterative recomputation).")] = 1,
     joint_refit: Annotated[bool, typer.Option("--joint-refit", help="Refit each site's constants jointly under the full curvature of the logits.")] = False,
-    parents: ParentsOpt = 8,
+    parents: ParentsOpt = "all",
     ridge: RidgeOpt = 1e-3,
     curvature: CurvatureOpt = "auto",
     loss: LossOpt = "auto",

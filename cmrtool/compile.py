@@ -148,10 +148,10 @@ def make_plan(
                 "--replacement optimal needs the curvature of the loss, which these scores do not have",
                 "score with -c cmr-const, or compile with --calib so cmrtool gathers it",
             )
-        if site.group != 1 and replacement in ("optimal", "affine"):
+        if site.group != 1 and replacement == "optimal":
             raise UsageError(
                 f"site {site.name} is grouped (attention heads): --replacement {replacement} applies to neuron and channel sites",
-                "use --replacement auto, mean or zero for heads",
+                "use --replacement auto, mean, zero or affine for heads",
             )
     if counts is None:
         counts = _global_counts(scores, sites, keep, keep_count, round_to) if allocation == "global" else {
@@ -163,6 +163,7 @@ def make_plan(
         kept, replaced = choose_kept(torch.tensor(ss.scores, dtype=torch.float64), counts[site.name])
         source = {
             "auto": ss.replacement, "mean": ss.mean, "zero": (0.0,) * site.channels, "optimal": ss.optimal, "affine": ss.mean,
+            "affine-nobias": ss.mean,
         }[replacement]
         assert source is not None
         values = tuple(float(source[i]) for i in unit_rows(replaced, site.group).tolist())
@@ -183,16 +184,21 @@ def make_plan(
     )
 
 
-def with_affine(plan: Plan, fits: dict[str, tuple[list[float], list[tuple[int, ...]], list[list[float]]]]) -> Plan:
-    """``plan`` with the affine replacements of :func:`cmrtool.affine.fit_affine`."""
+def with_affine(plan: Plan, fits: Mapping[str, Any]) -> Plan:
+    """``plan`` with the affine replacements of :func:`cmrtool.affine.fit_affine`: per site a
+    :class:`Replacement` (dense, every kept unit a parent) or ``(intercepts, parents, coefficients)``."""
     sites = []
     for sp in plan.sites:
         if sp.name not in fits or not sp.replaced:
             sites.append(sp)
             continue
-        b0, parents, coefs = fits[sp.name]
-        repl = Replacement("affine", tuple(b0), tuple(tuple(p) for p in parents), tuple(tuple(c) for c in coefs))
-        sites.append(SitePlan(sp.name, sp.kind, sp.width, sp.kept, sp.replaced, repl))
+        fit = fits[sp.name]
+        if isinstance(fit, Replacement):
+            repl = fit
+        else:
+            b0, parents, coefs = fit
+            repl = Replacement("affine", tuple(b0), tuple(tuple(p) for p in parents), tuple(tuple(c) for c in coefs))
+        sites.append(SitePlan(sp.name, sp.kind, sp.width, sp.kept, sp.replaced, repl, sp.group))
     return dataclasses.replace(plan, sites=tuple(sites))
 
 
@@ -270,11 +276,22 @@ def clamp_edits(
 
 
 def _affine_map(sp: SitePlan, rank: int, kind: str, dtype: torch.dtype) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """``("map", Mᵀ, c)``: kept units map to themselves, replaced unit j to ``β0 + β·a_P``."""
+    """``("map", Mᵀ, c)``: kept units map to themselves, replaced unit j to ``β0 + β·a_P``
+    (dense: the replaced values to ``β0 + B a_K``, over channels for grouped units)."""
+    r = sp.replacement
+    if r.matrix:
+        w = sp.width * sp.group
+        s_idx, k_idx = unit_rows(sp.replaced, sp.group), unit_rows(sp.kept, sp.group)
+        m = torch.eye(w, dtype=torch.float64)
+        m[s_idx] = 0.0
+        m[s_idx[:, None], k_idx[None, :]] = r.dense(s_idx.numel())
+        c = torch.zeros(w, dtype=torch.float64)
+        c[s_idx] = torch.tensor(r.values, dtype=torch.float64)
+        shape = (w,) + (1,) * max(rank - 2, 0) if kind == "channel" else (w,)
+        return ("map", m.T.contiguous().to(dtype), c.reshape(shape).to(dtype))
     w = sp.width
     m = torch.eye(w, dtype=torch.float64)  # rows: output unit, columns: input unit
     c = torch.zeros(w, dtype=torch.float64)
-    r = sp.replacement
     for j, b0, parents, coefs in zip(sp.replaced, r.values, r.parents, r.coefficients):
         m[j] = 0.0
         for p, beta in zip(parents, coefs):
@@ -300,16 +317,28 @@ class FoldError:
     samples: int
 
 
+_CHECK_BYTES = 64 << 20  # logits per fold-check pass (a language model's are tokens × vocab)
+
+
 def fold_error(original: Any, reduced: Any, plan: Plan, inputs: Sequence[torch.Tensor]) -> FoldError:
-    """Measure the fold error of ``reduced`` against ``original`` clamped by ``plan``."""
+    """Measure the fold error of ``reduced`` against ``original`` clamped by ``plan``, in passes
+    whose logits take about ``_CHECK_BYTES`` (sized from the first sample's)."""
     ranks = site_ranks(original, inputs, [s.name for s in plan.sites])
     edits = clamp_edits(original, plan, ranks)
+    n = int(inputs[0].shape[0])
+    diff, scale, start, size = 0.0, 0.0, 0, 1
     with torch.no_grad():
-        clamped, _ = original.run(inputs, edits=edits)
-        out = reduced.forward(inputs)
-    diff = (out.to(torch.float64) - clamped.to(torch.float64)).abs().max().item()
-    scale = max(clamped.to(torch.float64).abs().max().item(), 1e-30)
-    return FoldError(diff, diff / scale, int(inputs[0].shape[0]))
+        while start < n:
+            chunk = [t[start : start + size] for t in inputs]
+            clamped, _ = original.run(chunk, edits=edits)
+            out = reduced.forward(chunk)
+            diff = max(diff, (out.to(torch.float64) - clamped.to(torch.float64)).abs().max().item())
+            scale = max(scale, clamped.to(torch.float64).abs().max().item())
+            start += size
+            per_sample = clamped.numel() * 8 // max(int(clamped.shape[0]) if clamped.dim() else 1, 1)
+            size = max(1, _CHECK_BYTES // max(per_sample, 1))
+    scale = max(scale, 1e-30)
+    return FoldError(diff, diff / scale, n)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ name            score for unit j                                            repl
 ``taylor``      ``(mean_s g_s a_s)²``, the first-order effect of removal     mean
 ``gndi``        ``E ‖Σ_pos J^{>ℓ}_j (a_j − b_j)‖₂``, b = mean (seed 003)      mean
 ``peer``        ``(1 − R²_j) · Var[a_j] · ‖W_c[:, j]‖²``, R² from peers      affine on peers
+``cmr-lsq``     greedy OBS: output distortion after refitting on the kept     affine on all
+                units, ``‖W'_{:,j}‖²/P_jj`` accumulated (:mod:`cmrtool.lsq`)  kept units
 ``random``      seeded uniform                                               mean
 ==============  ==========================================================  ===============
 
@@ -53,16 +55,20 @@ __all__ = [
     "get_criterion",
     "parse_criteria",
     "consumer_sq_norms",
+    "consumer_matrix",
     "DEFAULT_CRITERION",
     "REPLACEMENT_MODES",
+    "AFFINE_MODES",
     "ALLOCATIONS",
 ]
 
 DEFAULT_CRITERION = "cmr-logit"
 # How replaced units are filled at compile time: the criterion's own replacement ("auto"), the
 # calibration mean, zero (deletion without a meaningful fold: the baseline folding beats), the
-# optimal constant c* of eq. (7) ("optimal"), or an affine function of kept units ("affine").
-REPLACEMENT_MODES = ("auto", "mean", "zero", "optimal", "affine")
+# optimal constant c* of eq. (7) ("optimal"), an affine function of kept units ("affine"), or a
+# linear one without intercept ("affine-nobias": folds into the kept columns only, no bias).
+REPLACEMENT_MODES = ("auto", "mean", "zero", "optimal", "affine", "affine-nobias")
+AFFINE_MODES = ("affine", "affine-nobias")
 ALLOCATIONS = ("site", "global")
 
 
@@ -79,7 +85,9 @@ class Evidence:
         curvature: curvature-weighted sums (criteria that need ``grad``/``curv``).
         gndi_unit, gndi_site, gndi_count: G-NDI sums (criteria that need ``gndi``).
         ridge: relative ridge for regressions (times the mean unit variance).
-        parents: parents per unit for affine fits.
+        parents: parents per unit for affine fits (None: every other unit).
+        consumer_weights: everything the consumers read from each unit, ``(rows, width)``
+            float64 (criteria that need ``consumers``).
     """
 
     site: Site
@@ -92,7 +100,8 @@ class Evidence:
     gndi_site: float | None = None
     gndi_count: int = 0
     ridge: float = 1e-3
-    parents: int = 8
+    parents: int | None = 8
+    consumer_weights: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,7 @@ class Criterion:
         summary: one line for ``--help``.
         needs: statistics the scoring pass must collect: ``moments``, ``cov``, ``grad``,
             ``curv``, ``gndi``, and ``labels`` (use the model's own predictions when the data
-            has no labels).
+            has no labels); ``consumers``: the consumer weights as a matrix.
         shares_units: scores are on a common (loss or logit) scale across sites, so
             ``--allocation global`` may rank units of different sites together.
     """
@@ -192,6 +201,17 @@ def consumer_sq_norms(site: Site, tensors: Mapping[str, torch.Tensor]) -> torch.
     return total
 
 
+def consumer_matrix(site: Site, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Every consumer's weights as one ``(rows, width)`` float64 matrix: column j is all that unit
+    j feeds (a Linear's column; per kernel tap or flattened position, one row block each), so
+    ``‖W[:, j]‖²`` is :func:`consumer_sq_norms` and ``W Σ Wᵀ`` the consumers' output covariance
+    (exact for Linear consumers of unit-last sites; per position for blocks and kernels)."""
+    import torch
+
+    parts = [_unit_view(tensors[c.weight], c, site.width).permute(0, 2, 1).reshape(-1, site.width) for c in site.consumers]
+    return torch.cat(parts) if parts else torch.zeros(0, site.width, dtype=torch.float64)
+
+
 @register("cmr-logit", "Var[a_j]·‖W_c[:,j]‖²: expected logit distortion of mean replacement (default)")
 def cmr_logit(ev: Evidence) -> CriterionResult:
     return CriterionResult(ev.moments.var * ev.col_sq_norms, ev.moments.mean.clone())
@@ -222,9 +242,12 @@ def cmr_const(ev: Evidence) -> CriterionResult:
 def cmr_affine(ev: Evidence) -> CriterionResult:
     from cmrtool.affine import peer_residual_variance
 
+    from cmrtool.affine import conditional_variance
+
     assert ev.comoments is not None and ev.curvature is not None
     hbar = ev.curvature.h / max(ev.curvature.count, 1)
-    resid = peer_residual_variance(ev.comoments.cov, ev.parents, ev.ridge)
+    cov = ev.comoments.cov
+    resid = conditional_variance(cov, ev.ridge) if ev.parents is None else peer_residual_variance(cov, ev.parents, ev.ridge)
     return CriterionResult(0.5 * hbar * resid, ev.moments.mean.clone(), kind="affine")
 
 
@@ -249,6 +272,18 @@ def peer(ev: Evidence) -> CriterionResult:
 
     assert ev.comoments is not None
     return CriterionResult(conditional_variance(ev.comoments.cov, ev.ridge) * ev.col_sq_norms, ev.moments.mean.clone(), kind="affine")
+
+
+@register("cmr-lsq", "greedy OBS: consumer-output distortion left after refitting the removed units on all kept units (pairs with --replacement affine)", frozenset({"moments", "cov", "consumers"}))
+def cmr_lsq(ev: Evidence) -> CriterionResult:
+    # Compensation-aware: a unit scores by the distortion its removal adds once it and the units
+    # removed before it are refit on the kept ones (cmrtool.lsq.greedy_removal). The kept set at
+    # any keep fraction is the greedy's, since its removal order is nested.
+    from cmrtool.lsq import greedy_removal, removal_scores
+
+    assert ev.comoments is not None and ev.consumer_weights is not None
+    order, added = greedy_removal(ev.comoments.cov, ev.consumer_weights, ev.ridge)
+    return CriterionResult(removal_scores(order, added), ev.moments.mean.clone(), kind="affine")
 
 
 @register("random", "seeded uniform scores: a reference selector")

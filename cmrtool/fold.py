@@ -11,7 +11,9 @@ For each site with kept units K and replaced units S with constants c_S (DESIGN 
 
   (BatchNorm in eval computes (y − μ)/σ·γ + β, so y + d is absorbed by μ' = μ − d.)
 - an **affine** replacement ``a_j = β0 + β·a_P`` (P kept) also moves unit j's columns onto its
-  parents' columns, ``W'[:, P] += W[:, j] β_Pᵀ``, and folds β0 like a constant;
+  parents' columns, ``W'[:, P] += W[:, j] β_Pᵀ``, and folds β0 like a constant; a **dense**
+  one (every kept unit a parent, :mod:`cmrtool.lsq`) is one product, ``W'_K = W_K + W_S B``
+  (CMR A.5), per kernel tap / flattened position, with heads' channels as the units;
 - every **producer** keeps only the rows/out-channels/BatchNorm entries of K.
 - **grouped units** (attention heads, DESIGN §3.4): unit j owns ``group`` consecutive producer
   rows and consumer columns, and its replacement is a vector c_j of ``group`` values (the
@@ -104,6 +106,31 @@ def _fold_affine_columns(current: torch.Tensor, original: torch.Tensor, consumer
     return w.to(current.dtype)
 
 
+def _fold_dense_columns(current: torch.Tensor, original: torch.Tensor, consumer: Consumer, width: int, sp: Any) -> torch.Tensor:
+    """``W'_K = W_K + W_S B`` for a dense affine replacement (B: replaced × kept values).
+
+    The consumer weight is viewed as ``(out, width, rest)`` (rest: kernel taps or the flattened
+    positions of a unit's block), so the product runs per tap/position. Grouped units (heads)
+    have one column per value, and B is over their channels.
+    """
+    w = current.to(torch.float64).clone()
+    src = original.to(torch.float64)
+    coef = sp.replacement.dense(len(sp.replaced) * sp.group)
+    if sp.group != 1:
+        cols_s, cols_k = unit_columns(consumer, width, sp.replaced), unit_columns(consumer, width, sp.kept)
+        w[:, cols_k] += src[:, cols_s] @ coef
+        return w.to(current.dtype)
+    kept, rep = torch.as_tensor(sp.kept, dtype=torch.long), torch.as_tensor(sp.replaced, dtype=torch.long)
+    strided = consumer.op == "linear" and consumer.layout == "strided" and consumer.block > 1
+    shape = (w.shape[0], consumer.block, width) if strided else (w.shape[0], width, -1)
+    view, sview = w.reshape(shape), src.reshape(shape)
+    if strided:  # (out, block, width): unit j is column t*width + j
+        view[:, :, kept] += torch.einsum("obs,sk->obk", sview[:, :, rep], coef)
+    else:
+        view[:, kept] += torch.einsum("osr,sk->okr", sview[:, rep], coef)
+    return view.reshape(current.shape).to(current.dtype)
+
+
 def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan) -> FoldResult:
     """Apply ``plan`` to ``tensors``; return the reduced tensors.
 
@@ -146,7 +173,9 @@ def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan)
         for c in site.consumers:
             w = tensors[c.weight]
             d = _contribution(w, c, site.width, sp.replaced, values, site.group)
-            if sp.replacement.kind == "affine":
+            if sp.replacement.matrix:
+                out[c.weight] = _fold_dense_columns(out[c.weight], w, c, site.width, sp)
+            elif sp.replacement.kind == "affine":
                 out[c.weight] = _fold_affine_columns(out[c.weight], w, c, site.width, sp.replaced, sp.replacement)
             target = c.fold_target
             assert target is not None

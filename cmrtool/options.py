@@ -35,9 +35,3 @@ def check_thresholds(min_iia: float | None, max_kl: float | None, max_fold_error
     check_finite("--min-iia", min_iia, 0.0, 1.0, "0.9")
     check_finite("--max-kl", max_kl, 0.0, None, "0.5")
     check_finite("--max-fold-error", max_fold_error, 0.0, None, "1e-4")
-
-
-def check_affine(parents: int, ridge: float) -> None:
-    """Affine replacements: at least one parent per replaced unit and a non-negative ridge."""
-    check_at_least("--parents", parents, 1, "8")
-    check_finite("--ridge", ridge, 0.0, None, "1e-3")

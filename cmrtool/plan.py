@@ -11,10 +11,18 @@ Replacements (DESIGN §3.2–3.4):
   unit takes ``group`` consecutive values: the head's mean output vector (appendix A.6).
 - ``affine``: unit ``replaced[i]`` becomes ``values[i] + coefficients[i]·a[parents[i]]``; folds
   as ``W'[:, P] += W[:, j] βᵀ``, ``b' += W[:, j] β0`` (Theorem 1, affine case).
+- ``affine`` with a **dense matrix** (every kept unit is a parent, :mod:`cmrtool.lsq`): the
+  replaced units become ``values + B a_K`` with B of shape ``(|S|·group, |K|·group)``, stored as
+  one block of little-endian float32 (base64 in JSON, ~5.3 bytes per coefficient), not as
+  per-unit lists. The fit is float64; B is rounded to float32 once, when the plan is made, and
+  the fold and the clamped original both read the stored values, so folding stays exact. Size:
+  a plan holds |S|·|K| coefficients per site (a 135M LLaMA at keep 0.5: 17.7M, 94 MB), within
+  the 100 MB that a safetensors header may hold.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from dataclasses import dataclass, field
@@ -41,31 +49,70 @@ class Replacement:
     values: tuple[float, ...]
     parents: tuple[tuple[int, ...], ...] = ()
     coefficients: tuple[tuple[float, ...], ...] = ()
+    matrix: bytes = field(default=b"", repr=False)  # dense B over all kept units: little-endian float32, row-major
 
     def __post_init__(self) -> None:
         if self.kind not in ("constant", "affine"):
             raise InputError(f"unknown replacement kind '{self.kind}'", "replacements are 'constant' or 'affine'")
-        if self.kind == "affine" and not (len(self.parents) == len(self.coefficients) == len(self.values)):
+        if self.matrix:
+            if self.kind != "affine" or self.parents or self.coefficients or len(self.matrix) % 4:
+                raise InputError("a dense affine replacement has per-unit parents too, or a truncated matrix", "regenerate the plan with cmrtool compile")
+            if not bool(self.dense(len(self.values)).isfinite().all()):
+                raise InputError("a replacement value is NaN or infinite", "regenerate the plan from finite scores")
+        elif self.kind == "affine" and not (len(self.parents) == len(self.coefficients) == len(self.values)):
             raise InputError("affine replacement: parents, coefficients and intercepts differ in length", "regenerate the plan with cmrtool compile")
         if any(len(p) != len(c) for p, c in zip(self.parents, self.coefficients)):
             raise InputError("affine replacement: a unit has a different number of parents and coefficients", "regenerate the plan with cmrtool compile")
         if not all(math.isfinite(v) for v in self.values) or not all(math.isfinite(c) for cs in self.coefficients for c in cs):
             raise InputError("a replacement value is NaN or infinite", "regenerate the plan from finite scores")
 
+    @classmethod
+    def dense_affine(cls, values: Any, coef: Any) -> Replacement:
+        """A dense affine replacement from intercepts ``(rows,)`` and B ``(rows, cols)`` tensors."""
+        import numpy as np
+        import torch
+
+        data = np.ascontiguousarray(coef.detach().to(torch.float32).cpu().numpy(), dtype="<f4").tobytes()
+        return cls("affine", tuple(float(v) for v in values.tolist()), matrix=data)
+
+    def dense(self, rows: int) -> Any:
+        """B as a float64 tensor ``(rows, cols)`` (rows: the replaced values; cols follow)."""
+        import numpy as np
+        import torch
+
+        flat = torch.from_numpy(np.frombuffer(self.matrix, dtype="<f4").astype(np.float64))
+        if rows <= 0 or flat.numel() % rows:
+            raise InputError("a dense affine replacement's matrix does not have one row per replaced value", "regenerate the plan with cmrtool compile")
+        return flat.reshape(rows, flat.numel() // rows)
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind, "values": list(self.values)}
-        if self.kind == "affine":
+        if self.matrix:
+            d["matrix"] = base64.b64encode(self.matrix).decode("ascii")
+            d["matrix_dtype"] = "float32"
+        elif self.kind == "affine":
             d["parents"] = [list(p) for p in self.parents]
             d["coefficients"] = [list(c) for c in self.coefficients]
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Replacement:
+        if not isinstance(d, dict):
+            raise TypeError(f"a replacement is a {type(d).__name__}, not an object")
+        matrix = b""
+        if d.get("matrix") is not None:
+            if d.get("matrix_dtype", "float32") != "float32":
+                raise InputError(f"unknown matrix dtype {d.get('matrix_dtype')!r} in an affine replacement", "upgrade cmrtool, or regenerate the plan")
+            try:
+                matrix = base64.b64decode(str(d["matrix"]), validate=True)
+            except ValueError as e:
+                raise InputError("an affine replacement's matrix is not valid base64", "regenerate the plan with cmrtool compile") from e
         return cls(
             kind=str(d["kind"]),
             values=tuple(float(v) for v in d["values"]),
             parents=tuple(tuple(int(i) for i in p) for p in d.get("parents", ())),
             coefficients=tuple(tuple(float(x) for x in c) for c in d.get("coefficients", ())),
+            matrix=matrix,
         )
 
 
@@ -96,6 +143,11 @@ class SitePlan:
             raise InputError(
                 f"plan for site {self.name} has {len(self.replacement.values)} replacement values for {len(self.replaced)} replaced units"
                 + (f" of {self.group} values each" if self.group != 1 else ""),
+                "regenerate the plan with cmrtool compile",
+            )
+        if self.replacement.matrix and len(self.replacement.matrix) != 4 * len(self.replaced) * len(self.kept) * self.group * self.group:
+            raise InputError(
+                f"plan for site {self.name}: the affine matrix is not {len(self.replaced) * self.group}×{len(self.kept) * self.group}",
                 "regenerate the plan with cmrtool compile",
             )
         kept = set(self.kept)

@@ -1,12 +1,15 @@
 """Planning a reduction: scores → selection → replacements (constant, optimal, affine, jointly
 refit), in one step or in a schedule of K steps with re-scoring in between.
 
-Fitted replacements (affine maps, jointly refit constants) come from second-order models of the
+Fitted replacements (per-unit affine maps, jointly refit constants) come from second-order models of the
 network around the observed activations, which can fail far from them (a ReLU/BatchNorm stack
 after the site; measured: joint refit took the digits ConvNet from 88% to 27% accuracy). So each
 site's fitted replacement is shrunk towards the per-unit constants it started from,
 ``start + t·(fitted − start)``, with t ∈ {1, ½, ¼, ⅛, 0} chosen by the clamped original's KL to
 its own predictions on calibration data: a fit is kept only as far as it helps fidelity.
+Dense affine fits (``--parents all``, :mod:`cmrtool.lsq`) are not shrunk: they are least-squares
+projections of the site's own activations (never a worse reconstruction than the means on
+calibration data), and the shrink's 5 clamped passes per site are what made it slow at LLM scale.
 
 ``--schedule K`` is the CMR paper's iterative recomputation (§5.4, §6): the kept fraction goes
 from 1 to ``keep`` geometrically (``keep^(i/K)`` of each site's width after step i); after every
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cmrtool.compile import compose, make_plan, with_affine, with_constants
+from cmrtool.criteria import AFFINE_MODES
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.scoring import ScoreReport, score_model
@@ -33,13 +37,13 @@ __all__ = ["plan_reduction"]
 
 
 def _needs_affine(report: ScoreReport, replacement: str) -> bool:
-    return replacement == "affine" or (replacement == "auto" and any(s.replacement_kind == "affine" for s in report.sites))
+    return replacement in AFFINE_MODES or (replacement == "auto" and any(s.replacement_kind == "affine" for s in report.sites))
 
 
 def _one_step(
     model: Any, data: Any, sites: Sequence[Site], report: ScoreReport | None, keep: float | None, keep_count: int | None,
     round_to: int | None, progress: Callable[..., Any], criterion: str, replacement: str, allocation: str,
-    joint_refit: bool, parents: int, ridge: float, curvature: str, seed: int, batch_size: int,
+    joint_refit: bool, parents: int | None, ridge: float, curvature: str, seed: int, batch_size: int,
     counts: dict[str, int] | None = None, loss: str = "auto",
 ) -> Plan:
     if report is None:
@@ -63,10 +67,12 @@ def _one_step(
 
         rep = {sp.name: list(sp.replaced) for sp in plan.sites}
         kept = {sp.name: list(sp.kept) for sp in plan.sites}
-        with progress("fitting affine replacements", 2 * data.n) as advance:
+        with progress("fitting affine replacements", (1 if parents is None else 2) * data.n) as advance:
             fits = fit_affine(model, data, sites, rep, kept, parents, ridge, weighted=report.criterion != "peer",
-                              curvature=curvature, seed=seed, batch_size=batch_size, progress=advance)
-        plan = _shrink(model, data, plan, with_affine(plan, fits), batch_size)
+                              curvature=curvature, seed=seed, batch_size=batch_size, progress=advance,
+                              intercept=replacement != "affine-nobias")
+        fitted = with_affine(plan, fits)
+        plan = fitted if parents is None else _shrink(model, data, plan, fitted, batch_size)
     if joint_refit:
         from cmrtool.refit import joint_constants
 
@@ -83,7 +89,7 @@ def _one_step(
         plan = _shrink(model, data, plan, with_constants(plan, constants), batch_size)
     extras: tuple[tuple[str, Any], ...] = (("joint_refit", True),) if joint_refit else ()
     if affine:
-        extras += (("parents", parents), ("ridge", ridge))
+        extras += (("parents", "all" if parents is None else parents), ("ridge", ridge))
     if curvature != "auto":
         extras += (("curvature", curvature),)
     if loss != "auto":

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cmrtool import __version__, distributed
-from cmrtool.criteria import REGISTRY, Evidence, consumer_sq_norms, get_criterion
+from cmrtool.criteria import REGISTRY, Evidence, consumer_matrix, consumer_sq_norms, get_criterion
 from cmrtool.data import Batch, Dataset
 from cmrtool.errors import InputError, UsageError
 from cmrtool.groups import GroupMoments, new_moments, score_grouped
@@ -278,7 +278,7 @@ def score_model(
     progress: ProgressFn | None = None,
     limit: int | None = None,
     curvature: str = "auto",
-    parents: int = 8,
+    parents: int | None = 8,
     ridge: float = 1e-3,
     extra_needs: frozenset[str] = frozenset(),
     loss: str = "auto",
@@ -295,7 +295,7 @@ def score_model(
         progress: called with the number of samples after each batch.
         limit: use at most this many samples.
         curvature: ``auto``, ``exact`` or ``sampled`` (criteria that need curvature).
-        parents: parents per unit for affine criteria.
+        parents: parents per unit for affine criteria (None: every other unit).
         ridge: relative ridge for regressions.
         extra_needs: statistics to gather besides the criterion's (e.g. ``curv`` for the
             optimal constants of ``--replacement optimal``).
@@ -327,6 +327,7 @@ def score_model(
                 site=site, moments=e.moments, col_sq_norms=consumer_sq_norms(site, tensors), seed=seed,
                 comoments=e.comoments, curvature=e.curvature, gndi_unit=e.gndi_unit, gndi_site=e.gndi_site,
                 gndi_count=e.gndi_count, ridge=ridge, parents=parents,
+                consumer_weights=consumer_matrix(site, tensors) if "consumers" in needs else None,
             )
             res = crit.fn(ev)
         else:  # attention heads: a unit is a group of channels (cmrtool.groups)

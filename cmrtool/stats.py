@@ -180,43 +180,81 @@ def _per_unit(t: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
 class Comoments:
     """Per-site mean and co-moment matrix ``C = Σ (a − ā)(a − ā)ᵀ`` (width × width), float64.
 
-    The covariance is ``C / n``. Two partial results merge with the matrix form of Chan's update,
-    ``C = C_a + C_b + δ δᵀ n_a n_b / n``. Needed by ``peer`` (R² of a unit from its peers) and
-    affine replacements (ridge fits of a unit on its parents).
+    The covariance is ``C / n``. Sums are kept around a fixed reference K (the first batch's
+    mean), ``S1 = Σ (a − K)``, ``S2 = Σ (a − K)(a − K)ᵀ``, so ``C = S2 − S1 S1ᵀ / n`` does not
+    cancel; partial results in different references merge exactly (``merge``). Each batch's
+    product ``(a − K)ᵀ(a − K)`` is computed in the activations' precision (float64 stays float64,
+    half precision is upcast to float32) and added into the float64 accumulator in row blocks
+    of at most ``_BLOCK_BYTES``, so a wide site (a 14,336-unit FFN: 1.6 GB in float64) holds one
+    float64 matrix plus a block, never a second full-size float64 temporary. Needed by ``peer``
+    (R² of a unit from its peers), ``cmr-lsq`` and affine replacements (ridge fits).
     """
+
+    _BLOCK_BYTES = 64 << 20
 
     def __init__(self, width: int) -> None:
         self.width = width
         self.count = 0
-        self.mean = torch.zeros(width, dtype=torch.float64)
-        self.c = torch.zeros(width, width, dtype=torch.float64)
+        self._shift: torch.Tensor | None = None
+        self._s1 = torch.zeros(width, dtype=torch.float64)
+        self._s2 = torch.zeros(width, width, dtype=torch.float64)
+        self._cov: torch.Tensor | None = None
 
     def update_value(self, value: torch.Tensor, unit_axis: int) -> Comoments:
-        x = as_samples(value.detach(), unit_axis).to(torch.float64)  # (samples, width)
+        x = as_samples(value.detach(), unit_axis)  # (samples, width)
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
         n = x.shape[0]
         if n == 0:
             return self
-        mean = x.mean(0)
-        xc = x - mean
-        return self._merge(n, mean, xc.T @ xc)
+        if self._shift is None:
+            self._shift = x.mean(0).to(torch.float64)
+        xs = x - self._shift.to(x.dtype)
+        self._s1 += xs.sum(0, dtype=torch.float64)
+        rows = max(1, self._BLOCK_BYTES // max(8 * self.width, 1))
+        for r0 in range(0, self.width, rows):
+            r1 = min(self.width, r0 + rows)
+            self._s2[r0:r1] += (xs[:, r0:r1].T @ xs).to(torch.float64)
+        self.count += n
+        self._cov = None
+        return self
 
     def merge(self, other: Comoments) -> Comoments:
-        return self._merge(other.count, other.mean, other.c)
-
-    def _merge(self, n_b: int, mean_b: torch.Tensor, c_b: torch.Tensor) -> Comoments:
-        if n_b == 0:
+        if other.count == 0:
             return self
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b - self.mean
-        self.c = self.c + c_b + torch.outer(delta, delta) * (n_a * n_b / n)
-        self.mean = self.mean + delta * (n_b / n)
-        self.count = n
+        assert other._shift is not None
+        if self._shift is None:
+            self._shift = other._shift.clone()
+        d = other._shift - self._shift  # a − K_self = (a − K_other) + d
+        self._s2 += other._s2 + torch.outer(d, other._s1) + torch.outer(other._s1, d) + other.count * torch.outer(d, d)
+        self._s1 += other._s1 + other.count * d
+        self.count += other.count
+        self._cov = None
         return self
 
     @property
+    def mean(self) -> torch.Tensor:
+        if self._shift is None:
+            return torch.zeros(self.width, dtype=torch.float64)
+        return self._shift + self._s1 / max(self.count, 1)
+
+    def block(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``cov[rows][:, cols]`` without forming the full covariance (one gather of the block)."""
+        n = max(self.count, 1)
+        out = self._s2[rows[:, None], cols[None, :]]
+        return out.sub_(torch.outer(self._s1[rows], self._s1[cols]), alpha=1.0 / n).div_(n)
+
+    @property
+    def c(self) -> torch.Tensor:
+        """The co-moment matrix ``Σ (a − ā)(a − ā)ᵀ`` (a new tensor)."""
+        return torch.outer(self._s1, self._s1).div_(-max(self.count, 1)).add_(self._s2)
+
+    @property
     def cov(self) -> torch.Tensor:
-        return self.c / max(self.count, 1)
+        """The population covariance ``C / n``, computed once per state (one width² matrix)."""
+        if self._cov is None:
+            self._cov = self.c.div_(max(self.count, 1))
+        return self._cov
 
 
 class CurvatureSums:

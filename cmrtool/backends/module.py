@@ -179,8 +179,9 @@ class ModuleModel:
         try:
             for name in dict.fromkeys([*capture, *edits]):
                 tap = self._taps[name]
+                axis = self.site(name).unit_axis if name in edits and len(edits[name]) == 3 else -1
                 for i, (mod, split) in enumerate(zip(tap.modules, tap.splits)):
-                    hook = _tap_hook(split, edits.get(name), values, name if i == 0 and name in capture else None)
+                    hook = _tap_hook(split, edits.get(name), values, name if i == 0 and name in capture else None, axis)
                     if tap.expert is not None:
                         experts.setdefault(mod, {})[tap.expert] = hook
                     else:
@@ -296,14 +297,24 @@ _ALL = torch.ones((), dtype=torch.bool)
 
 def _tap_hook(
     split: tuple[int, int, str] | None,
-    edit: tuple[torch.Tensor, torch.Tensor] | None,
+    edit: tuple[torch.Tensor, ...] | None,
     values: dict[str, torch.Tensor],
     capture_as: str | None,
+    unit_axis: int = -1,
 ) -> Any:
+    """A pre-hook on a consumer that captures and/or edits the site value it reads. An edit is
+    ``(mask, fill)`` or ``("map", Mᵀ, c)``: the units become ``v·Mᵀ + c`` along ``unit_axis``
+    (affine replacements; the axis of the unflattened value when a Linear reads it flattened)."""
+    if split is not None:
+        unit_axis = -2 if split[2] == "block" else -1
+
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0]
         v = x if split is None else x.unflatten(-1, split[:2] if split[2] == "block" else (split[1], split[0]))
-        if edit is not None:
+        if edit is not None and len(edit) == 3:
+            _, mt, c = edit
+            v = (v.movedim(unit_axis, -1) @ mt.to(v.dtype) + c.reshape(-1).to(v.dtype)).movedim(-1, unit_axis)
+        elif edit is not None:
             mask, fill = edit
             v = select(mask, fill, v)
         if capture_as is not None:
