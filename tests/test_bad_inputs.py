@@ -341,7 +341,7 @@ def _battery_cases(tmp, llama):
         "max-kl negative": (["verify", MLP, MLP, "--data", CALIB, "--max-kl", "-1"], 2, "--max-kl must be a finite number"),
         "threads zero": (["inspect", MLP, "--threads", "0"], 2, "--threads must be at least 1"),
         "negative ridge": (["score", MLP, "--calib", CALIB, "--ridge", "-1"], 2, "--ridge must be a finite number"),
-        "parents zero": ([c, MLP, "--calib", CALIB, *keep, "--replacement", "affine", "--parents", "0", "-o", out], 2, "--parents must be at least 1"),
+        "parents zero": ([c, MLP, "--calib", CALIB, *keep, "--replacement", "affine", "--parents", "0", "-o", out], 2, "--parents must be 'all' or a positive integer"),
         "output name too long": ([c, MLP, "--calib", CALIB, *keep, "-o", tmp / "out" / ("a" * 300 + ".pt")], 2, "output name is too long"),
         # "internal error" before the fix
         "image data to a LLaMA": (["score", d, "--calib", _st(tmp / "img.safetensors", input=torch.rand(8, 1, 8, 8))], 1, "takes integer token ids"),
