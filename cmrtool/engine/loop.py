@@ -251,6 +251,12 @@ def run_blocks(
     from cmrtool.reduce import plan_reduction
 
     compiling = plan_args is not None
+    bs = options.batch_for(int(calib.mask.shape[1]))
+    options = dataclasses.replace(options, batch_size=bs)
+    if plan_args is not None:
+        plan_args = {**plan_args, "batch_size": bs}
+    if score_args is not None:
+        score_args = {**score_args, "batch_size": bs}
     sequential = compiling and scores is None and options.calibration == "sequential"
     start = time.perf_counter()
     mask = calib.mask

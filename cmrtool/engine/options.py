@@ -53,7 +53,8 @@ class EngineOptions:
         max_memory: bytes for the calibration buffers (None: :func:`default_max_memory`).
         work_dir: where spilled buffers go (None: a temporary directory next to the output,
             removed at the end).
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass (at most ``batch_tokens`` tokens' worth).
+        batch_tokens: token cap of a forward pass (activations of a large layer stay small).
         check_samples: sequences of the per-block fold check (at most ``check_tokens`` tokens;
             0 turns the check off).
         check_tokens: token cap of the per-block fold check.
@@ -64,6 +65,7 @@ class EngineOptions:
     max_memory: int | None = None
     work_dir: str | None = None
     batch_size: int = 256
+    batch_tokens: int = 2048
     check_samples: int = 256
     check_tokens: int = 512
     progress: bool = False
@@ -83,6 +85,10 @@ class EngineOptions:
                 raise UsageError(f"--work-dir {p} is not a directory", "give a directory (it is created if missing)")
             if p.exists() and not os.access(p, os.W_OK):
                 raise UsageError(f"--work-dir {p} is not writable", "choose a directory you can write to")
+
+    def batch_for(self, tokens_per_sequence: int) -> int:
+        """Sequences per forward pass for sequences of this length."""
+        return max(1, min(self.batch_size, self.batch_tokens // max(1, tokens_per_sequence)))
 
     @property
     def budget(self) -> int:
