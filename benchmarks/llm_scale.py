@@ -20,8 +20,8 @@ measured in the same run, one after the other, on the same machine). This driver
 torch: with ``vfork`` the kernel would charge the parent's peak RSS to each child.
 
 Sizes (real shapes): 135m — 30 layers, hidden 576, FFN 1536, 9/3 heads, vocab 49152, tied
-embeddings (128 × 128 tokens); 1.2b — the Llama-3.2-1B shape (32 × 128 tokens); 8b — the
-Llama-3-8B shape (16 GB in bf16; 16 × 64 tokens, to keep the run near 30 minutes here).
+embeddings (128 × 128 tokens); 1.2b — the Llama-3.2-1B shape (16 × 128 tokens); 8b — the
+Llama-3-8B shape (16 GB in bf16; 8 × 64 tokens, to keep the run near 30 minutes here).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ SHAPES = {
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                  vocab_size=49152, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=2048, tokens=(128, 128)),
     "1.2b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                 vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192, tokens=(32, 128)),
+                 vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192, tokens=(16, 128)),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192, tokens=(16, 64)),
+               vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192, tokens=(8, 64)),
 }
 
 

@@ -201,7 +201,7 @@ def test_spilled_buffers_give_the_same_result_and_leave_nothing(models, tmp_path
 
 def test_bf16_sharded_checkpoint_is_written_in_bf16_and_loads_with_from_pretrained(models, tmp_path):
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(_llama()).to(torch.bfloat16).save_pretrained(str(tmp_path / "m"), max_shard_size="20KB")
+    transformers.LlamaForCausalLM(_llama()).to(torch.bfloat16).save_pretrained(str(tmp_path / "m"), max_shard_size="4KB")
     assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
     out = f"{tmp_path}/r/"
     r = api.compile(tmp_path / "m", out, calib=models / "pad9.safetensors", keep=0.5, kinds=["neuron"])

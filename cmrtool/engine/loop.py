@@ -176,9 +176,15 @@ def _correct(h: torch.Tensor, mask: torch.Tensor, block: BlockModel, plan: Plan,
             h.index_put_((pos[:, 0], pos[:, 1]), delta, accumulate=True)
 
 
-def _fold_check(stack: BlockStack, i: int, raw: Mapping[str, torch.Tensor], plan: Plan, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """``max |reduced(x) − clamped(x)|`` over kept tokens and the same relative to ``max |clamped(x)|``, in float64."""
-    block = stack.block(i, raw, torch.float64)
+def _fold_check(stack: BlockStack, i: int, plan: Plan, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """``max |reduced(x) − clamped(x)|`` over kept tokens and the same relative to ``max |clamped(x)|``, in float64.
+
+    The layer is read again, tensor by tensor straight into float64, so the check holds one
+    float64 copy of the layer (plus its folded tensors) and nothing else of it.
+    """
+    tensors = {k: stack.weights.get(k, torch.float64) for k in stack.layer_names(i)}
+    block = stack.block(i, tensors, torch.float64)
+    del tensors
     x = x.to(torch.float64)
     names = [sp.name for sp in plan.sites]
     with torch.no_grad():
@@ -273,7 +279,9 @@ def run_blocks(
     param_delta = 0
     check_rows = 0
     if compiling and options.check_samples > 0:
-        check_rows = max(1, min(options.check_samples, n, options.check_tokens // max(t, 1)))
+        # A slice of the calibration set: at most check_tokens tokens and a sixteenth of the
+        # sequences (the float64 check runs two layers, so it stays a small share of the time).
+        check_rows = max(1, min(options.check_samples, max(1, n // 16), options.check_tokens // max(t, 1)))
     last = max(by_layer) if by_layer else -1
     tokens = calib.tokens
     pool = BufferPool(options.budget, work if work is not None else Path(tempfile.gettempdir()))
@@ -342,12 +350,13 @@ def run_blocks(
                         for b0 in range(0, n, options.batch_size):
                             b1 = b0 + options.batch_size
                             h_out[b0:b1] = reduced(h_in[b0:b1], mask[b0:b1])
-            del block
+            del block, raw
             release()
             if replaced and check_rows:
                 assert plan is not None
-                fold_errors.append(_fold_check(stack, i, raw, plan, h_in[:check_rows], mask[:check_rows]))
-        del raw
+                fold_errors.append(_fold_check(stack, i, plan, h_in[:check_rows], mask[:check_rows]))
+        else:
+            del block, raw
         release()
         h_in, h_out = h_out, h_in
         if log is not None:
