@@ -250,3 +250,18 @@ def test_engine_options_validate_once():
     with pytest.raises(UsageError, match="--batch-size"):
         EngineOptions(batch_size=0)
     assert EngineOptions(batch_size=256, batch_tokens=2048).batch_for(128) == 16
+
+
+@pytest.mark.slow
+def test_torchrun_compiles_the_single_process_checkpoint(models, tmp_path):
+    """Two ranks shard the calibration batches of every layer; statistics, plan and the written
+    bytes equal the single-process ones."""
+    from test_distributed import _run
+
+    args = ["compile", models / "llama", "--calib", models / "pad9.safetensors", "--keep", "0.5", "--batch-size", "4", "--json", "-q"]
+    one, two = _run([*args, "-o", tmp_path / "one.safetensors"], None), _run([*args, "-o", tmp_path / "two.safetensors"], 2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert a["sites"] == b["sites"] and a["fold_error"] == b["fold_error"] and b["calibration"] == "sequential"

@@ -277,7 +277,9 @@ def _tap_hook(
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0]
         v = x if split is None else x.unflatten(-1, split[:2] if split[2] == "block" else (split[1], split[0]))
-        if edit is not None:
+        if edit is not None and len(edit) == 3:  # ("map", Mᵀ, c): an affine replacement (compile.clamp_edits)
+            v = v @ edit[1].to(v.dtype) + edit[2].to(v.dtype)
+        elif edit is not None:
             mask, fill = edit
             v = select(mask, fill, v)
         if capture_as is not None:

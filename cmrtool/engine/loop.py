@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from cmrtool import distributed
 from cmrtool.compile import FoldError, clamp_edits, site_ranks
 from cmrtool.engine.blocks import BlockModel, BlockStack
 from cmrtool.engine.buffer import BlockData, BufferPool
@@ -133,6 +134,56 @@ class _Recorder:
             v = values[name]
             buf[t0:t1] = v.reshape(t1 - t0, v.shape[-1])
         self.done[start:stop] = True
+
+
+def _share_outputs(
+    block: BlockModel, data: BlockData, recorder: _Recorder, values: Mapping[str, torch.Tensor], h_out: torch.Tensor,
+    site_buf: torch.Tensor | None, batch_size: int,
+) -> None:
+    """Under torchrun: every rank ends with the whole layer output (and recorded site values).
+
+    Each rank recorded the rows of the batches it ran (the statistics pass deals batches out,
+    :func:`cmrtool.distributed.gather_partials`); rows nobody ran are dealt out by batch index.
+    Every row is then held by exactly one rank and zero on the others, so an all-reduce sum
+    assembles the buffers exactly (x + 0 = x).
+    """
+    import torch.distributed as dist
+
+    distributed.init()
+    counts = recorder.done.to(torch.int32)
+    dist.all_reduce(counts)
+    world, me = distributed.world_size(), distributed.rank()
+    for k, batch in enumerate(data.batches(batch_size)):
+        rows = slice(batch.start, batch.start + len(batch))
+        if k % world == me and not bool(counts[rows].all()):
+            recorder.done[rows] = False  # this rank owns the batch now
+            block.run(batch.inputs, capture=list(values))
+        elif not bool(counts[rows].all()):
+            recorder.done[rows] = False
+    mine = recorder.done
+    h_out[~mine] = 0
+    if site_buf is not None:
+        for r in (~mine).nonzero().flatten().tolist():
+            site_buf[int(recorder.offsets[r]) : int(recorder.offsets[r + 1])] = 0
+    for t in (h_out, site_buf):
+        if t is not None:
+            _all_sum(t)
+
+
+def _all_sum(t: torch.Tensor, chunk: int = 16 << 20) -> None:
+    """In-place all-reduce sum of a CPU tensor, in pieces (through the group's device)."""
+    import torch.distributed as dist
+
+    device = distributed.group_device()
+    flat = t.view(-1)
+    for i in range(0, flat.numel(), chunk):
+        piece = flat[i : i + chunk]
+        if device.type == "cpu":
+            dist.all_reduce(piece)
+        else:
+            moved = piece.to(device)
+            dist.all_reduce(moved)
+            piece.copy_(moved.cpu())
 
 
 def _block_report(scores: ScoreReport | None, names: set[str]) -> ScoreReport | None:
@@ -324,7 +375,9 @@ def run_blocks(
             elif mine:
                 report = score_model(block, data, sites=mine, **(score_args or {}))
                 site_scores.extend(report.sites)
-            if not bool(recorder.done.all()):  # nothing ran every row yet (e.g. --scores)
+            if distributed.enabled():
+                _share_outputs(block, data, recorder, values, h_out, site_buf, options.batch_size)
+            elif not bool(recorder.done.all()):  # nothing ran every row yet (e.g. --scores)
                 for batch in data.batches(options.batch_size):
                     block.run(batch.inputs, capture=list(values))
         block.recorder = None

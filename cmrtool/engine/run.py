@@ -49,8 +49,6 @@ def check_supported(criterion: str | None, replacement: str = "auto", schedule: 
         if bad:
             raise UsageError(f"{what} needs the curvature of the loss at the logits, and {why}",
                              "drop it (mean, zero and affine replacements run per block)")
-    if distributed.enabled():
-        raise UsageError(f"the block engine runs in one process; {why}", "run without torchrun")
 
 
 def _check_sites(stack: BlockStack, chosen: Sequence[Site]) -> None:
@@ -108,12 +106,14 @@ def compile_dir(
         writer = StreamWriter(work, shard_bytes=2 << 30)
 
         def write(name: str, t: torch.Tensor) -> None:
+            if not distributed.is_writer():
+                return
             if kind == "dir" and name not in source and not bool(t.any()):
                 return  # a zero bias made by folding zeros: the config decides whether it exists
             writer.add(name, t)
 
         for name in stack.weights.names():  # embeddings, final norm, head: unchanged, copied in chunks
-            if name not in layer_names and name in source:
+            if name not in layer_names and name in source and distributed.is_writer():
                 info = stack.weights.info(name)
                 writer.add_raw(name, info.dtype, info.shape, stack.weights.chunks(name), stack.weights.nbytes(name))
         if cal is None:
@@ -125,13 +125,15 @@ def compile_dir(
         if cal is not None:
             extra += (("input_shapes", [list(s) for s in cal.shapes]),)
         plan = _merge_plans(run.plans, stack.sha256, extra)
-        with _staging(out, kind) as stage:
-            if kind == "dir":
-                _finish_dir(stack, plan, writer, stage)
-                writer.finish(stage, None, {"format": "pt", PLAN_KEY: plan.dumps(), ARCH_KEY: arch})
-            else:
-                meta = {"format": "pt", PLAN_KEY: plan.dumps(), ARCH_KEY: arch, HF_CONFIG_KEY: stack.config.to_json_string()}
-                writer.finish(None, stage, meta)
+        distributed.sync()  # under torchrun: every rank holds the same plan; rank 0 writes
+        if distributed.is_writer():
+            with _staging(out, kind) as stage:
+                if kind == "dir":
+                    _finish_dir(stack, plan, writer, stage)
+                    writer.finish(stage, None, {"format": "pt", PLAN_KEY: plan.dumps(), ARCH_KEY: arch})
+                else:
+                    meta = {"format": "pt", PLAN_KEY: plan.dumps(), ARCH_KEY: arch, HF_CONFIG_KEY: stack.config.to_json_string()}
+                    writer.finish(None, stage, meta)
     rows = []
     for sp in plan.sites:
         site = stack.meta.site(sp.name)
