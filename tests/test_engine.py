@@ -265,3 +265,17 @@ def test_torchrun_compiles_the_single_process_checkpoint(models, tmp_path):
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
     a, b = json.loads(one.stdout), json.loads(two.stdout)
     assert a["sites"] == b["sites"] and a["fold_error"] == b["fold_error"] and b["calibration"] == "sequential"
+
+
+def test_a_block_satisfies_the_backend_protocol_and_declares_no_gradients(models):
+    from cmrtool.backends.protocol import Backend, Block, require
+    from cmrtool.engine import BlockStack
+    from cmrtool.errors import UnsupportedModelError
+
+    stack = BlockStack(models / "llama")
+    block = stack.block(1, stack.read_layer(1))
+    assert isinstance(block, Block) and isinstance(stack.meta, Backend)
+    assert [s.name for s in block.sites] == ["model.layers.1.self_attn", "model.layers.1.mlp"]
+    require(block, "capture", "scoring")
+    with pytest.raises(UnsupportedModelError, match="gradients"):
+        require(block, "gradients", "cmr-const")

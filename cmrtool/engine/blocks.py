@@ -96,6 +96,8 @@ class BlockModel(ModuleModel):
     output and (padding-free) captured values."""
 
     recorder: Recorder | None = None
+    # What a block can do (cmrtool.backends.protocol): no loss gradients through later blocks.
+    capabilities = frozenset({"capture", "override", "heads", "blocks", "write-dir", "write-file"})
 
     def run(
         self,

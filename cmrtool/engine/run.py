@@ -41,7 +41,7 @@ def check_supported(criterion: str | None, replacement: str = "auto", schedule: 
     """Refuse what the block engine cannot do, with the alternatives in the hint."""
     local = sorted(n for n, c in REGISTRY.items() if c.needs <= _LOCAL)
     why = "Hugging Face language models are processed block by block (one layer in memory at a time)"
-    if criterion is not None and not get_criterion(criterion).needs <= _LOCAL:
+    if criterion is not None and not get_criterion(criterion).needs <= _LOCAL:  # needs "gradients" (protocol.CAPABILITIES)
         raise UsageError(f"{criterion} needs the loss gradient through the rest of the network, and {why}",
                          f"use a block-local criterion: {', '.join(local)}")
     for bad, what in ((replacement == "optimal", "--replacement optimal"), (joint_refit, "--joint-refit"),
