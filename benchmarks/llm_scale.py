@@ -11,8 +11,9 @@ calibration tokens; then, each as its own child process whose peak resident memo
    materialized in fp32, run over all tokens, freed: the least work any layer-wise method does),
 2. ``compile``: ``python -m cmrtool compile DIR --calib tokens --kind neuron --keep 0.5 -o OUT/``
    with the default (sequential) calibration and the default fold check,
-3. ``load``: the reduced directory loaded with stock ``from_pretrained`` on the meta device and
-   its tensor shapes compared with the expected ones (``intermediate_size`` halved).
+3. ``load``: the reduced directory loaded with stock ``from_pretrained`` with its weights left on
+   disk (``device_map={"": "disk"}``, needs ``accelerate``; parameters on the meta device) and its
+   tensor shapes compared with the expected ones (``intermediate_size`` halved).
 
 Printed per size: peak RSS of compile; peak RSS ÷ (largest layer in fp32 + the calibration
 buffers compile reports); compile wall time; wall time ÷ the plain forward's wall time (both
@@ -118,12 +119,17 @@ def _plain(directory: Path, tokens: Path, threads: int) -> None:
 
 
 def _load(directory: Path, intermediate: int) -> None:
-    """Stock from_pretrained on the meta device; the FFN shapes must be the reduced ones."""
+    """Stock from_pretrained with every weight offloaded to disk (parameters stay on the meta
+    device; needs ``accelerate``); the FFN shapes must be the reduced ones."""
+    import tempfile
+
     import torch
     import transformers
 
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=torch.bfloat16)
+    with tempfile.TemporaryDirectory() as offload:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(directory), local_files_only=True, dtype=torch.bfloat16, device_map={"": "disk"}, offload_folder=offload,
+        )
     mlp = model.model.layers[0].mlp
     got = (tuple(mlp.gate_proj.weight.shape), tuple(mlp.down_proj.weight.shape), model.config.intermediate_size)
     want = ((intermediate, model.config.hidden_size), (model.config.hidden_size, intermediate), intermediate)
