@@ -23,7 +23,7 @@ from cmrtool import distributed
 from cmrtool.compile import CompileReport
 from cmrtool.criteria import REGISTRY, get_criterion
 from cmrtool.engine.blocks import BlockStack
-from cmrtool.engine.loop import BlockRun, Calibration, calibration_inputs, check_exact, fold_error_of, run_blocks, scratch
+from cmrtool.engine.loop import BlockRun, calibration_inputs, check_exact, fold_error_of, run_blocks, scratch
 from cmrtool.engine.options import EngineOptions
 from cmrtool.engine.writer import StreamWriter
 from cmrtool.errors import UsageError

@@ -9,9 +9,7 @@ that uses it. Unchanged tensors are copied to the output in fixed-size chunks (:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,15 +25,9 @@ _CHUNK = 64 << 20
 
 def weight_files(directory: str | Path) -> list[Path]:
     """The safetensors files of a Hugging Face directory (shards in index order)."""
-    p = Path(directory)
-    index = p / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{index} is not a valid safetensors index", "re-save the model with save_pretrained") from e
-        return [p / s for s in shards]
-    return [p / "model.safetensors"] if (p / "model.safetensors").is_file() else []
+    from cmrtool.backends.hf import _weight_files
+
+    return _weight_files(Path(directory))
 
 
 class LazyWeights:
