@@ -145,8 +145,16 @@ def score(
     ridge: float = 1e-3,
     loss: str = "auto",
     arch: str | None = None,
+    calibration: str = "sequential",
+    max_memory: str | int | None = None,
+    work_dir: str | Path | None = None,
 ) -> Any:
-    """Score every unit of the selected sites (:class:`cmrtool.scoring.ScoreReport`)."""
+    """Score every unit of the selected sites (:class:`cmrtool.scoring.ScoreReport`).
+
+    A Hugging Face decoder or encoder directory is scored block by block (:mod:`cmrtool.engine`):
+    statistics of the original model, padding excluded, in memory bounded by ``max_memory``
+    (``calibration`` matters only to compile; it is accepted here for symmetry).
+    """
     from cmrtool.criteria import get_criterion
     from cmrtool.data import open_data
     from cmrtool.scoring import score_model, select_sites
@@ -160,6 +168,14 @@ def score(
     check_loss(loss)
     parents = check_parents(parents)
     check_ridge(ridge)
+    engine_options = _engine_options(path, arch, calibration, max_memory, work_dir, batch_size)
+    if engine_options is not None:
+        from cmrtool.engine import BlockStack, score_dir
+
+        stack = BlockStack(path)
+        stack.meta.require_sites()
+        chosen = select_sites(stack.meta.sites, sites, kinds)
+        return score_dir(stack, calib, chosen, engine_options, criterion, seed, limit, curvature, parents, ridge, loss, _log_of(progress))
     model = open_model(path, arch, calib)
     model.require_sites()
     chosen = select_sites(model.sites, sites, kinds)
@@ -196,6 +212,9 @@ def compile(
     loss: str = "auto",
     arch: str | None = None,
     onnx: str | Path | None = None,
+    calibration: str = "sequential",
+    max_memory: str | int | None = None,
+    work_dir: str | Path | None = None,
 ) -> Any:
     """Reduce a model and write the smaller checkpoint (:class:`cmrtool.compile.CompileReport`).
 
@@ -212,6 +231,11 @@ def compile(
             one dense least-squares fit per site) and ridge relative to the mean kept-unit variance.
         curvature: ``auto``, ``exact`` or ``sampled`` Gauss-Newton curvature.
         loss: ``auto`` (cross-entropy with labels, else KL to the model's prediction), ``ce``, ``kl``.
+        calibration, max_memory, work_dir: the block engine's options (Hugging Face decoders and
+            encoders; see :class:`cmrtool.engine.EngineOptions`): ``sequential`` (default) or
+            ``original`` calibration, the memory for calibration buffers (bytes or ``"4GB"``), and
+            where buffers spill. Such models are reduced layer by layer, written in the
+            checkpoint's dtype, and their fold error is checked per layer in float64.
 
     ``output`` is the backend's checkpoint (``.pt`` for TorchScript, ``.safetensors`` for
     nn.Modules), a Hugging Face directory (ends with ``/``; Hugging Face inputs whose layers keep
@@ -221,10 +245,8 @@ def compile(
     from cmrtool.compile import check_allocation, compile_model, output_kind
     from cmrtool.criteria import AFFINE_MODES, REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
-    from cmrtool.errors import InputError
     from cmrtool.io import check_output_name, check_output_path, read_bytes
-    from cmrtool.scoring import ScoreReport, select_sites
-    from cmrtool.selection import kept_width, validate_keep
+    from cmrtool.selection import validate_keep
     from cmrtool.sensitivity import check_curvature, check_loss
 
     # Validate everything cheap before loading anything.
@@ -268,37 +290,32 @@ def compile(
             raise UsageError(f"--onnx {onnx} does not end in .onnx", "e.g. --onnx reduced.onnx")
         check_output_path(onnx, [*inputs, out], force)
 
-    model = open_model(path, arch, calib)
+    engine_options = None
+    if kind != "onnx" and onnx is None:
+        engine_options = _engine_options(path, arch, calibration, max_memory, work_dir, batch_size, check_samples)
+    if engine_options is not None:
+        from cmrtool.engine import BlockStack
+
+        stack = BlockStack(path)
+        model = stack.meta
+    else:
+        model = open_model(path, arch, calib)
     model.require_sites()
     _check_output_format(model, out, kind)
-    explicit = bool(sites)
-    chosen = select_sites(model.sites, sites, kinds)
-    unfoldable = [s for s in chosen if not s.foldable]
-    if unfoldable and explicit:
-        s = unfoldable[0]
-        raise InputError(f"site {s.name} cannot be folded: {s.reason}", "choose other sites with --site (see cmrtool inspect)")
-    for s in unfoldable:
-        if warn:
-            warn(f"skipping site {s.name}: {s.reason}")
-    chosen = [s for s in chosen if s.foldable]
-    if not chosen:
-        raise InputError("none of the selected sites can be folded", "see cmrtool inspect for fold kinds and reasons")
-    if allocation == "site":
-        for s in chosen:  # keep-count against every width, before any scoring
-            kept_width(s.name, s.width, keep, keep_count, round_to)
+    chosen = _foldable_sites(model, sites, kinds, keep, keep_count, round_to, allocation, warn)
     check_allocation(allocation, criterion if scores is None else _criterion_of(scores, read_bytes), chosen)
+    if engine_options is not None:
+        from cmrtool.engine import check_supported, compile_dir
+
+        check_supported(criterion if scores is None else None, replacement, schedule, joint_refit, allocation)
+        report = _read_scores(scores, stack.sha256, read_bytes)
+        plan_args = dict(keep=keep, keep_count=keep_count, round_to=round_to, schedule=1, progress=_no_progress,
+                         criterion=criterion, replacement=replacement, allocation=allocation, joint_refit=joint_refit,
+                         parents=parents, ridge=ridge, curvature=curvature, seed=seed, batch_size=engine_options.batch_size, loss=loss)
+        return compile_dir(stack, out, kind, calib, chosen, report, plan_args, engine_options, _log_of(progress))
 
     data = open_data(calib, model) if calib is not None else None
-    report = None
-    if isinstance(scores, (str, Path)):
-        report = ScoreReport.loads(read_bytes(scores))
-        if report.source_sha256 and report.source_sha256 != model.sha256:
-            raise InputError(
-                f"the scores were computed for another model (sha256 {report.source_sha256[:12]}…, this is {model.sha256[:12]}…)",
-                "score this model: cmrtool score MODEL --calib DATA --json > scores.json",
-            )
-    elif scores is not None:
-        report = scores
+    report = _read_scores(scores, model.sha256, read_bytes)
     options = dict(criterion=criterion, replacement=replacement, allocation=allocation, joint_refit=joint_refit,
                    parents=parents, ridge=ridge, curvature=curvature, seed=seed, batch_size=batch_size, loss=loss)
     from cmrtool.reduce import plan_reduction
@@ -326,6 +343,74 @@ def compile(
     if choice is not None:
         result = dataclasses.replace(result, written_as=choice.written_as, notes=choice.notes + result.notes)
     return result
+
+
+def _foldable_sites(
+    model: Any, sites: Sequence[str] | None, kinds: Sequence[str] | None, keep: float | None, keep_count: int | None,
+    round_to: int | None, allocation: str, warn: Callable[[str], None] | None,
+) -> list[Any]:
+    """The selected sites that can be folded (unfoldable ones skipped with a warning, or an
+    error when named explicitly); keep-count checked against every width before any scoring."""
+    from cmrtool.errors import InputError
+    from cmrtool.scoring import select_sites
+    from cmrtool.selection import kept_width
+
+    explicit = bool(sites)
+    chosen = select_sites(model.sites, sites, kinds)
+    unfoldable = [s for s in chosen if not s.foldable]
+    if unfoldable and explicit:
+        s = unfoldable[0]
+        raise InputError(f"site {s.name} cannot be folded: {s.reason}", "choose other sites with --site (see cmrtool inspect)")
+    for s in unfoldable:
+        if warn:
+            warn(f"skipping site {s.name}: {s.reason}")
+    chosen = [s for s in chosen if s.foldable]
+    if not chosen:
+        raise InputError("none of the selected sites can be folded", "see cmrtool inspect for fold kinds and reasons")
+    if allocation == "site":
+        for s in chosen:  # keep-count against every width, before any scoring
+            kept_width(s.name, s.width, keep, keep_count, round_to)
+    return chosen
+
+
+def _read_scores(scores: Any, sha256: str, read: Callable[[Any], bytes]) -> Any:
+    """The :class:`~cmrtool.scoring.ScoreReport` given as a path (or ``-``), an object, or None."""
+    from cmrtool.errors import InputError
+    from cmrtool.scoring import ScoreReport
+
+    if not isinstance(scores, (str, Path)):
+        return scores
+    report = ScoreReport.loads(read(scores))
+    if report.source_sha256 and report.source_sha256 != sha256:
+        raise InputError(
+            f"the scores were computed for another model (sha256 {report.source_sha256[:12]}…, this is {sha256[:12]}…)",
+            "score this model: cmrtool score MODEL --calib DATA --json > scores.json",
+        )
+    return report
+
+
+def _engine_options(
+    path: str | Path, arch: str | None, calibration: str, max_memory: str | int | None, work_dir: str | Path | None,
+    batch_size: int, check_samples: int = 0,
+) -> Any:
+    """The block engine's options when ``path`` is a model it processes (else None, after
+    validating the options all the same)."""
+    from cmrtool.engine import EngineOptions, parse_memory, supports
+
+    options = EngineOptions(
+        calibration=calibration, max_memory=parse_memory(max_memory), work_dir=None if work_dir is None else str(work_dir),
+        batch_size=batch_size, check_samples=check_samples,
+    )
+    if arch is not None or str(path) == "-" or not supports(path):
+        return None
+    return options
+
+
+def _log_of(progress: ProgressFactory | None) -> Callable[[str], None] | None:
+    """The log method of the CLI's output object behind ``progress`` (per-block lines), if any."""
+    owner = getattr(progress, "__self__", None)
+    log = getattr(owner, "log", None)
+    return log if callable(log) else None
 
 
 def _check_output_format(model: Any, out: Path, kind: str) -> None:

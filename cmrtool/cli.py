@@ -66,6 +66,9 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No logs or progress on stderr.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for criteria that draw (random).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")]
+CalibrationOpt = Annotated[str, typer.Option("--calibration", help="Hugging Face language models (LLaMA, Mistral, Qwen2/3, BERT, RoBERTa) are processed layer by layer: 'sequential' (default) calibrates each layer on the outputs of the layers already reduced, so later choices see earlier reductions, at no extra forward pass for decoder FFNs; 'original' calibrates every layer on the original model's hidden states (the one-shot result of the whole-model path). E.g. --calibration original.")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option("--max-memory", help="Memory for the calibration hidden states of layer-by-layer processing (e.g. 4GB, 512MB); past it they spill to memory-mapped files in --work-dir. Default: a quarter of the available memory.", show_default=False)]
+WorkDirOpt = Annotated[Optional[str], typer.Option("--work-dir", help="Where spilled calibration buffers and output parts go (e.g. --work-dir /scratch). Default: a temporary directory next to the output, removed at the end.", show_default=False)]
 SiteOpt = Annotated[Optional[list[str]], typer.Option("--site", help="Site name or glob (repeatable), e.g. --site 'blocks.*.fc1'. Default: every neuron and channel site.", show_default=False)]
 KindOpt = Annotated[Optional[list[str]], typer.Option("--kind", help="Only sites of this kind: neuron, channel, head (repeatable). Heads are reduced only when asked for.", show_default=False)]
 CriterionOpt = Annotated[str, typer.Option("--criterion", "-c", help=f"Scoring criterion: {CRITERIA}.")]
@@ -149,6 +152,8 @@ def score(
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    work_dir: WorkDirOpt = None,
     json_mode: JsonOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -168,7 +173,8 @@ def score(
     if output is not None:
         check_output_path(output, [model, calib], force)
     _setup(threads)
-    report = api.score(model, calib, criterion, site, kind, seed, batch_size, limit, out.progress, curvature, parents, ridge, loss, arch)
+    report = api.score(model, calib, criterion, site, kind, seed, batch_size, limit, out.progress, curvature, parents, ridge, loss, arch,
+                       max_memory=max_memory, work_dir=work_dir)
     doc = report.to_json()
     if keep is not None or keep_count is not None:
         for s in doc["sites"]:
@@ -189,6 +195,8 @@ def score(
         "  | cmrtool compile model.pt --scores - --keep 0.5 -o reduced.pt",
         "cmrtool compile model.safetensors --arch mypkg.models:build_model --calib calib.safetensors --keep 0.5 -o reduced.safetensors",
         "cmrtool compile ./llama-dir --calib calib.safetensors --kind head --keep-count 4 -o ./llama-reduced/ --onnx reduced.onnx",
+        "cmrtool compile ./llama-8b --calib tokens.safetensors --keep 0.5 --max-memory 2GB --work-dir /scratch -o ./llama-8b-ffn50/",
+        "cmrtool compile ./llama-dir --calib tokens.safetensors --keep 0.5 --calibration original -o ./llama-reduced/",
     ),
 )
 def compile_(
@@ -211,11 +219,14 @@ def compile_(
     site: SiteOpt = None,
     kind: KindOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists (never an input).")] = False,
-    check_samples: Annotated[int, typer.Option("--check-samples", help="Calibration samples used to measure the fold error (0 skips the check).")] = 256,
+    check_samples: Annotated[int, typer.Option("--check-samples", help="Calibration samples used to measure the fold error (0 skips the check). Layer-by-layer models check every layer in float64 on the first samples, at most 512 tokens.")] = 256,
     onnx: Annotated[Optional[str], typer.Option("--onnx", help="Also export the reduced model to this .onnx file, checked with onnx.checker and onnxruntime (needs --calib).", show_default=False)] = None,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
+    calibration: CalibrationOpt = "sequential",
+    max_memory: MaxMemoryOpt = None,
+    work_dir: WorkDirOpt = None,
     json_mode: JsonOpt = None,
     threads: ThreadsOpt = None,
     quiet: QuietOpt = False,
@@ -230,7 +241,7 @@ def compile_(
         keep=keep, keep_count=keep_count, round_to=round_to, replacement=replacement, seed=seed,
         batch_size=batch_size, force=force, check_samples=check_samples, progress=out.progress, warn=out.warn,
         allocation=allocation, schedule=schedule, joint_refit=joint_refit, parents=parents, ridge=ridge, curvature=curvature,
-        loss=loss, arch=arch, onnx=onnx,
+        loss=loss, arch=arch, onnx=onnx, calibration=calibration, max_memory=max_memory, work_dir=work_dir,
     )
     out.result(report.to_json(), lambda c: render.compile_table(report, c))
 

@@ -133,6 +133,13 @@ class _Group:
 _group: _Group | None = None
 
 
+def group_device() -> Any:
+    """The device the group's collectives run on (CPU for gloo)."""
+    init()
+    assert _group is not None
+    return _group.device
+
+
 def init() -> None:
     """Join the torchrun process group (idempotent; a no-op unless ``WORLD_SIZE`` > 1)."""
     global _group

@@ -1,0 +1,223 @@
+"""Language models at real scale: block-by-block compile of random-weight LLaMA models.
+
+    python benchmarks/llm_scale.py --sizes 135m,1.2b [--work DIR] [--threads 2] [--keep-files]
+
+For each size a LLaMA-family model with random weights is written as bf16 safetensors shards,
+tensor by tensor from a meta-device model (never a whole fp32 model in memory), with random
+calibration tokens; then, each as its own child process whose peak resident memory is the
+``ru_maxrss`` that ``os.wait4`` reports:
+
+1. ``plain``: one plain forward pass over the same tokens, layer by layer (each layer read,
+   materialized in fp32, run over all tokens, freed: the least work any layer-wise method does),
+2. ``compile``: ``python -m cmrtool compile DIR --calib tokens --kind neuron --keep 0.5 -o OUT/``
+   with the default (sequential) calibration and the default fold check,
+3. ``load``: the reduced directory loaded with stock ``from_pretrained`` with its weights left on
+   disk (``device_map={"": "disk"}``, needs ``accelerate``; parameters on the meta device) and its
+   tensor shapes compared with the expected ones (``intermediate_size`` halved).
+
+Printed per size: peak RSS of compile; peak RSS ÷ (largest layer in fp32 + the calibration
+buffers compile reports); compile wall time; wall time ÷ the plain forward's wall time (both
+measured in the same run, one after the other, on the same machine). This driver never imports
+torch: with ``vfork`` the kernel would charge the parent's peak RSS to each child.
+
+Sizes (real shapes): 135m — 30 layers, hidden 576, FFN 1536, 9/3 heads, vocab 49152, tied
+embeddings (128 × 128 tokens); 1.2b — the Llama-3.2-1B shape (16 × 128 tokens); 8b — the
+Llama-3-8B shape (16 GB in bf16; 8 × 64 tokens, to keep the run near 30 minutes here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                 vocab_size=49152, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=2048, tokens=(128, 128)),
+    "1.2b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                 vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192, tokens=(16, 128)),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192, tokens=(8, 64)),
+}
+
+
+# -- children (these import torch) ---------------------------------------------------------------
+def _make(size: str, directory: Path) -> None:
+    """Write the random bf16 checkpoint (sharded) and calibration tokens, tensor by tensor."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from cmrtool.engine.writer import StreamWriter
+
+    shape = dict(SHAPES[size])
+    n, t = shape.pop("tokens")
+    config = transformers.LlamaConfig(**shape, dtype="bfloat16")
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    scratch = directory / ".parts"
+    scratch.mkdir(exist_ok=True)
+    writer = StreamWriter(scratch, shard_bytes=2 << 30)
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        rows = p.shape[0]
+        step = max(1, (32 << 20) // max(1, p[0].numel() if p.dim() > 1 else 1))
+
+        def pieces(p=p, rows=rows, step=step, name=name):  # noqa: ANN001
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                if name.endswith("norm.weight"):
+                    block = torch.ones((r1 - r0, *p.shape[1:]))
+                else:
+                    block = torch.randn((r1 - r0, *p.shape[1:]), generator=g) * 0.02
+                yield block.to(torch.bfloat16).reshape(-1).view(torch.uint8).numpy().tobytes()
+
+        writer.add_raw(name, torch.bfloat16, tuple(p.shape), pieces(), p.numel() * 2)
+    writer.finish(directory, None, {"format": "pt"})
+    shutil.rmtree(scratch)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(str(directory))
+    ids = torch.randint(0, config.vocab_size, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1::4, t - t // 4 :] = 0  # a quarter of the sequences padded at the end
+    save_file({"input_ids": ids, "attention_mask": mask}, str(directory.parent / f"{directory.name}-tokens.safetensors"))
+
+
+def _plain(directory: Path, tokens: Path, threads: int) -> None:
+    """One plain forward pass over the tokens, layer by layer; prints the wall time."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cmrtool.engine.blocks import BlockStack
+    from cmrtool.engine.memory import release
+
+    torch.set_num_threads(threads)
+    data = load_file(str(tokens))
+    stack = BlockStack(directory)
+    start = time.perf_counter()
+    mask = data["attention_mask"]
+    h = stack.embed(data)
+    batch = max(1, 2048 // mask.shape[1])
+    with torch.no_grad():
+        for i in range(len(stack)):
+            block = stack.block(i, stack.read_layer(i))
+            for b0 in range(0, h.shape[0], batch):
+                h[b0 : b0 + batch] = block.forward([h[b0 : b0 + batch], mask[b0 : b0 + batch]])
+            del block
+            release()
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def _load(directory: Path, intermediate: int) -> None:
+    """Stock from_pretrained with every weight offloaded to disk (parameters stay on the meta
+    device; needs ``accelerate``); the FFN shapes must be the reduced ones."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as offload:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(directory), local_files_only=True, dtype=torch.bfloat16, device_map={"": "disk"}, offload_folder=offload,
+        )
+    mlp = model.model.layers[0].mlp
+    got = (tuple(mlp.gate_proj.weight.shape), tuple(mlp.down_proj.weight.shape), model.config.intermediate_size)
+    want = ((intermediate, model.config.hidden_size), (model.config.hidden_size, intermediate), intermediate)
+    print(json.dumps({"ok": got == want, "shapes": got, "dtype": str(mlp.gate_proj.weight.dtype),
+                      "params": sum(p.numel() for p in model.parameters())}))
+
+
+# -- driver (no torch) ---------------------------------------------------------------------------
+def _run_measured(args: list[str]) -> tuple[float, int, str, str]:
+    """Run a child; return (wall seconds, its own peak RSS in bytes from ``os.wait4``, stdout, stderr)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True)
+    out = proc.stdout.read()  # type: ignore[union-attr]
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.stderr.write(err[-3000:])
+        raise SystemExit(f"child failed ({proc.returncode}): {' '.join(args)}")
+    return wall, usage.ru_maxrss * 1024, out, err
+
+
+def run_size(size: str, work: Path, threads: int, keep_files: bool) -> dict[str, object]:
+    me = [sys.executable, str(Path(__file__).resolve())]
+    directory = work / f"llama-{size}"
+    tokens = work / f"llama-{size}-tokens.safetensors"
+    out = work / f"llama-{size}-ffn50"
+    shape = SHAPES[size]
+    if not (directory / "config.json").is_file() or not tokens.is_file():
+        wall, rss, _, _ = _run_measured([*me, "_make", size, str(directory)])
+        print(f"[{size}] wrote the bf16 checkpoint in {wall:.0f}s (peak RSS {rss / 2**30:.2f} GB)", file=sys.stderr)
+    plain_wall, plain_rss, plain_out, _ = _run_measured([*me, "_plain", str(directory), str(tokens), str(threads)])
+    plain = json.loads(plain_out.strip().splitlines()[-1])["seconds"]
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "cmrtool", "compile", str(directory), "--calib", str(tokens), "--kind", "neuron", "--keep", "0.5",
+           "-o", f"{out}/", "--threads", str(threads), "--json", "--batch-size", str(max(1, 2048 // shape["tokens"][1]))]
+    wall, rss, doc_text, err = _run_measured(cmd)
+    doc = json.loads(doc_text)
+    _, _, load_out, _ = _run_measured([*me, "_load", str(out), str(shape["intermediate_size"] // 2)])
+    load = json.loads(load_out.strip().splitlines()[-1])
+    h, f = shape["hidden_size"], shape["intermediate_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    layer_fp32 = 4 * (2 * h * h + 2 * h * kv + 3 * h * f + 2 * h)
+    buffers = doc["engine"]["buffer_bytes"]
+    n, t = shape["tokens"]
+    row = {
+        "size": size, "tokens": n * t, "sequences": n, "seq_len": t, "peak_rss_gb": rss / 2**30,
+        "rss_over_block_plus_buffer": rss / (layer_fp32 + buffers), "largest_layer_fp32_gb": layer_fp32 / 2**30,
+        "buffer_gb": buffers / 2**30, "wall_s": wall, "plain_forward_s": plain, "plain_forward_process_s": plain_wall,
+        "plain_forward_peak_rss_gb": plain_rss / 2**30, "time_ratio": wall / plain, "fold_error": doc["fold_error"],
+        "fold_error_relative": doc["fold_error_relative"], "dtype": doc["dtype"], "params_before": doc["params_before"],
+        "params_after": doc["params_after"], "from_pretrained_ok": load["ok"], "loaded_shapes": load["shapes"],
+        "engine_seconds": doc["engine"]["seconds"],
+    }
+    if not keep_files:
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tokens.unlink(missing_ok=True)
+    return row
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        sys.path.insert(0, str(ROOT))
+        cmd, *rest = sys.argv[1:]
+        if cmd == "_make":
+            _make(rest[0], Path(rest[1]))
+        elif cmd == "_plain":
+            _plain(Path(rest[0]), Path(rest[1]), int(rest[2]))
+        elif cmd == "_load":
+            _load(Path(rest[0]), int(rest[1]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="135m,1.2b")
+    ap.add_argument("--work", default="/tmp/cmrtool-llm-scale")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep-files", action="store_true", help="keep the checkpoints (they are reused by the next run)")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    print("size   tokens  peak RSS   RSS÷(layer+buffer)  wall      wall÷forward  fold error (rel)  from_pretrained")
+    for size in a.sizes.split(","):
+        r = run_size(size.strip(), work, a.threads, a.keep_files)
+        print(f"{r['size']:<6} {r['tokens']:>6}  {r['peak_rss_gb']:6.2f} GB  {r['rss_over_block_plus_buffer']:8.2f}           "
+              f"{r['wall_s']:7.1f} s  {r['time_ratio']:8.2f}      {r['fold_error_relative']:.2e}         {r['from_pretrained_ok']}", flush=True)
+        print(json.dumps(r), file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The block engine: score and compile language models block by block in bounded memory.
+
+A Hugging Face decoder (LLaMA, Mistral, Qwen2/3) or encoder (BERT, RoBERTa) is processed as
+embeddings, each layer, and the final norm + head (:mod:`cmrtool.engine.blocks`); weights are read
+lazily (:mod:`cmrtool.engine.weights`); calibration hidden states live in one buffer per block
+boundary (:mod:`cmrtool.engine.buffer`); :mod:`cmrtool.engine.loop` runs the layers; the output is
+written block by block (:mod:`cmrtool.engine.writer`). Entry points: :mod:`cmrtool.engine.run`.
+"""
+
+from __future__ import annotations
+
+from cmrtool.engine.blocks import BlockModel, BlockStack, supports
+from cmrtool.engine.options import CALIBRATIONS, EngineOptions, parse_memory
+from cmrtool.engine.run import EngineCompileReport, check_supported, compile_dir, score_dir
+
+__all__ = [
+    "BlockModel", "BlockStack", "supports", "CALIBRATIONS", "EngineOptions", "parse_memory",
+    "EngineCompileReport", "check_supported", "compile_dir", "score_dir",
+]

@@ -1,0 +1,335 @@
+"""The block loop (DESIGN §8): block-outer, token-batch-inner.
+
+::
+
+    H = embed(calibration tokens)                   # buffer (sequences, tokens, hidden)
+    for layer in model.layers:                      # weights read and materialized for this layer only
+        plan_b = plan_reduction(layer, H, …)        # the whole-model planner on the block; its one
+                                                    #   statistics pass also records the layer's output
+        write(fold(layer tensors, plan_b))          # checkpoint dtype; folded in float64, then cast
+        H = output + correction                     # sequential: the reduced layer's output
+        check fold on a slice, in float64           # reduced vs clamped layer, kept tokens
+
+Each layer runs once over the calibration set: its statistics pass records the layer's output
+(:mod:`cmrtool.engine.record`); for a decoder FFN the sequential pass adds the replaced units'
+change to it instead of running the reduced layer again; attention heads and encoder layers (a
+LayerNorm follows the FFN) run the reduced layer again.
+
+The fold check compares, on the first sequences of the buffer (kept tokens only), the reduced
+layer with the original layer whose replaced units are clamped, both in float64: exact to
+float64 rounding whatever the depth, and never a false alarm from float32 rounding through
+dozens of layers and a large head. No logits are computed: the head is never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmrtool import distributed
+from cmrtool.compile import FoldError, clamp_edits, site_ranks
+from cmrtool.engine.blocks import BlockStack
+from cmrtool.engine.buffer import BlockData, BufferPool
+from cmrtool.engine.record import Recorder, correct, share_outputs
+from cmrtool.engine.memory import peak_rss_bytes, release, rss_bytes
+from cmrtool.engine.options import EngineOptions
+from cmrtool.errors import CmrError
+from cmrtool.fold import fold
+from cmrtool.plan import Plan, SitePlan
+from cmrtool.scoring import ScoreReport, SiteScores, score_model
+from cmrtool.sites import Site
+
+__all__ = ["BlockRun", "Calibration", "run_blocks", "calibration_inputs", "scratch", "fold_error_of", "check_exact"]
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration inputs, whole (token ids are small): ids, mask and extra embedding inputs."""
+
+    inputs: dict[str, torch.Tensor]
+    shapes: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.inputs["attention_mask"]
+
+    @property
+    def n(self) -> int:
+        return int(self.inputs["input_ids"].shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def calibration_inputs(stack: BlockStack, path: str | Path, limit: int | None = None) -> Calibration:
+    """Read the calibration file for ``stack``'s model (``input_ids``, optional ``attention_mask``)."""
+    from cmrtool.data import open_data
+    from cmrtool.errors import InputError
+
+    data = open_data(path, stack.meta)
+    batch = data.all(limit)
+    inputs = dict(zip(data.keys, batch.inputs))
+    if "input" in inputs:
+        inputs["input_ids"] = inputs.pop("input")
+    ids = inputs.get("input_ids")
+    if ids is None or ids.dim() != 2 or ids.dtype.is_floating_point:
+        raise InputError(f"{path} has no 2-D integer 'input_ids'", "store token ids as input_ids (sequences × tokens) and attention_mask")
+    mask = inputs.get("attention_mask")
+    inputs["attention_mask"] = torch.ones_like(ids) if mask is None else mask.long()
+    unknown = set(inputs) - {"input_ids", "attention_mask", "token_type_ids"}
+    if unknown:
+        raise InputError(f"the block engine does not take '{sorted(unknown)[0]}' in {path}",
+                         "store input_ids, attention_mask (and token_type_ids for encoders) only")
+    return Calibration(inputs, tuple(tuple(v) for v in data.input_shapes().values()))
+
+
+@dataclass
+class BlockRun:
+    """What the loop made: per-layer plans and scores, fold errors, sizes, and its costs."""
+
+    plans: list[Plan]
+    scores: list[SiteScores]
+    fold_errors: list[tuple[float, float]]
+    written: dict[str, tuple[int, ...]]
+    param_delta: int
+    check_samples: int
+    seconds: float
+    peak_rss: int
+    buffer_bytes: int
+    spilled_bytes: int
+
+
+def _block_report(scores: ScoreReport | None, names: set[str]) -> ScoreReport | None:
+    if scores is None:
+        return None
+    return dataclasses.replace(scores, sites=tuple(s for s in scores.sites if s.name in names))
+
+
+def _fast_sites(stack: BlockStack, chosen: Sequence[Site], sequential: bool) -> list[Site]:
+    """Sites whose reduction the sequential pass can apply to the recorded output (decoder FFNs
+    whose consumer adds into the residual stream last); empty when the layer must re-run."""
+    if not sequential or stack.kind != "decoder" or any(s.kind != "neuron" for s in chosen):
+        return []
+    return list(chosen)
+
+
+def _fold_check(stack: BlockStack, i: int, plan: Plan, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """``max |reduced(x) − clamped(x)|`` over kept tokens and the same relative to ``max |clamped(x)|``, in float64.
+
+    The layer is read again, tensor by tensor straight into float64, so the check holds one
+    float64 copy of the layer (plus its folded tensors) and nothing else of it.
+    """
+    tensors = {k: stack.weights.get(k, torch.float64) for k in stack.layer_names(i)}
+    block = stack.block(i, tensors, torch.float64)
+    del tensors
+    x = x.to(torch.float64)
+    names = [sp.name for sp in plan.sites]
+    with torch.no_grad():
+        edits = clamp_edits(block, plan, site_ranks(block, [x, mask], names))
+        clamped = block.run([x, mask], edits=edits)[0]
+        folded = fold(block.tensors(), block.sites, plan)
+        reduced = block.reduced_module(folded.tensors, plan, in_place=True)
+        del folded
+        out = reduced(x, mask)
+    keep = mask.bool()
+    diff = float((out - clamped)[keep].abs().max())
+    scale = max(float(clamped[keep].abs().max()), 1e-30)
+    return diff, diff / scale
+
+
+def _merge_plans(plans: Sequence[Plan], sha256: str, extra: tuple[tuple[str, Any], ...]) -> Plan:
+    """One plan from the layers' plans (settings merged; per-site dicts joined)."""
+    first = plans[0]
+    settings: dict[str, Any] = {}
+    for p in plans:
+        for k, v in p.settings:
+            if isinstance(v, dict) and isinstance(settings.get(k), dict):
+                settings[k] = {**settings[k], **v}
+            else:
+                settings.setdefault(k, v)
+    sites: tuple[SitePlan, ...] = tuple(sp for p in plans for sp in p.sites)
+    return Plan(source_sha256=sha256, criterion=first.criterion, sites=sites, replacement=first.replacement,
+                seed=first.seed, settings=tuple(settings.items()) + extra)
+
+
+@contextlib.contextmanager
+def scratch(options: EngineOptions, near: Path | None) -> Iterator[Path]:
+    if options.work_dir is not None:
+        Path(options.work_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="cmrtool-work-", dir=options.work_dir) as d:
+            yield Path(d)
+        return
+    directory = near if near is not None and near.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix=".cmrtool-work-", dir=directory) as d:
+        yield Path(d)
+
+
+def run_blocks(
+    stack: BlockStack,
+    calib: Calibration,
+    chosen: Sequence[Site],
+    options: EngineOptions,
+    plan_args: Mapping[str, Any] | None = None,
+    scores: ScoreReport | None = None,
+    score_args: Mapping[str, Any] | None = None,
+    write: Callable[[str, torch.Tensor], None] | None = None,
+    work: Path | None = None,
+    log: Log | None = None,
+) -> BlockRun:
+    """Run the block loop.
+
+    Args:
+        stack: the model's blocks.
+        calib: calibration inputs.
+        chosen: the sites to score or reduce (all inside layers).
+        options: engine options.
+        plan_args: compile: keyword arguments of :func:`cmrtool.reduce.plan_reduction` (keep,
+            keep_count, round_to and the ``**options``); None scores only.
+        scores: compile from these scores instead of scoring (``--scores``).
+        score_args: score: keyword arguments of :func:`cmrtool.scoring.score_model`.
+        write: called with every reduced tensor of every layer (checkpoint dtype).
+        work: the work directory for spilled buffers (see :func:`scratch`).
+        log: one line per block (tokens/s, resident memory).
+    """
+    from cmrtool.reduce import plan_reduction
+
+    compiling = plan_args is not None
+    bs = options.batch_for(int(calib.mask.shape[1]))
+    options = dataclasses.replace(options, batch_size=bs)
+    if plan_args is not None:
+        plan_args = {**plan_args, "batch_size": bs}
+    if score_args is not None:
+        score_args = {**score_args, "batch_size": bs}
+    sequential = compiling and scores is None and options.calibration == "sequential"
+    start = time.perf_counter()
+    mask = calib.mask
+    n, t = mask.shape
+    hidden = int(stack.config.hidden_size)
+    by_layer: dict[int, list[Site]] = {}
+    for s in chosen:
+        i = int(s.name[len(stack.layer_prefix) + 1 :].split(".", 1)[0])
+        by_layer.setdefault(i, []).append(s)
+    plans: list[Plan] = []
+    site_scores: list[SiteScores] = []
+    fold_errors: list[tuple[float, float]] = []
+    written: dict[str, tuple[int, ...]] = {}
+    param_delta = 0
+    check_rows = 0
+    if compiling and options.check_samples > 0:
+        # A slice of the calibration set: at most check_tokens tokens and a sixteenth of the
+        # sequences (the float64 check runs two layers, so it stays a small share of the time).
+        check_rows = max(1, min(options.check_samples, max(1, n // 16), options.check_tokens // max(t, 1)))
+    last = max(by_layer) if by_layer else -1
+    tokens = calib.tokens
+    pool = BufferPool(options.budget, work if work is not None else Path(tempfile.gettempdir()))
+    h_in = pool.allocate((n, t, hidden), stack.dtype)
+    h_out = pool.allocate((n, t, hidden), stack.dtype)
+    widest = max((sum(s.width for s in ss if s.kind == "neuron") for ss in by_layer.values()), default=0)
+    site_buf = pool.allocate((tokens, widest), stack.dtype) if sequential and widest else None
+    for b0 in range(0, n, options.batch_size):
+        part = {k: v[b0 : b0 + options.batch_size] for k, v in calib.inputs.items()}
+        h_in[b0 : b0 + options.batch_size] = stack.embed(part)
+    for i in range(len(stack)):
+        t0 = time.perf_counter()
+        if not compiling and i > last:
+            break
+        raw = stack.read_layer(i)
+        mine = by_layer.get(i, [])
+        if i > last:  # nothing left to reduce: the layer is copied as it is, without running it
+            for k, v in raw.items():
+                if write is not None:
+                    write(k, v)
+                written[k] = tuple(v.shape)
+            del raw
+            continue
+        block = stack.block(i, raw)
+        data = BlockData(h_in, mask)
+        fast = _fast_sites(stack, mine, sequential)
+        values = {}
+        offset = 0
+        for s in fast:  # each FFN site's recorded values: a column range of the shared buffer
+            assert site_buf is not None
+            values[s.name] = site_buf[:, offset : offset + s.width]
+            offset += s.width
+        recorder = Recorder(h_in, h_out, mask, values)
+        block.recorder = recorder
+        plan = None
+        with torch.no_grad():
+            if mine and compiling:
+                plan = plan_reduction(block, data, mine, _block_report(scores, {s.name for s in mine}), **plan_args)
+                plans.append(plan)
+            elif mine:
+                report = score_model(block, data, sites=mine, **(score_args or {}))
+                site_scores.extend(report.sites)
+            if distributed.enabled():
+                share_outputs(block, data, recorder, values, h_out, site_buf, options.batch_size)
+            elif not bool(recorder.done.all()):  # nothing ran every row yet (e.g. --scores)
+                for batch in data.batches(options.batch_size):
+                    block.run(batch.inputs, capture=list(values))
+        block.recorder = None
+        if compiling:
+            result = fold(raw, block.sites, plan) if plan is not None else None
+            tensors = result.tensors if result is not None else raw
+            for k, v in tensors.items():
+                if write is not None:
+                    write(k, v)
+                written[k] = tuple(v.shape)
+                param_delta += v.numel() - (raw[k].numel() if k in raw else 0)
+            del result, tensors
+            replaced = plan is not None and any(sp.replaced for sp in plan.sites)
+            if sequential and replaced:
+                assert plan is not None
+                if fast:
+                    correct(h_out, mask, block, plan, values)
+                else:  # the reduced layer runs again (heads, encoders)
+                    folded = fold(block.tensors(), block.sites, plan)
+                    reduced = block.reduced_module(folded.tensors, plan, in_place=True)
+                    del folded
+                    with torch.no_grad():
+                        for b0 in range(0, n, options.batch_size):
+                            b1 = b0 + options.batch_size
+                            h_out[b0:b1] = reduced(h_in[b0:b1], mask[b0:b1])
+            del block, raw
+            release()
+            if replaced and check_rows:
+                assert plan is not None
+                fold_errors.append(_fold_check(stack, i, plan, h_in[:check_rows], mask[:check_rows]))
+        else:
+            del block, raw
+        release()
+        h_in, h_out = h_out, h_in
+        if log is not None:
+            dt = time.perf_counter() - t0
+            log(f"block {i + 1}/{len(stack)} {stack.layer_path(i)}: {tokens / max(dt, 1e-9):,.0f} tokens/s, "
+                f"RSS {rss_bytes() / 2**30:.2f} GB")
+    buffers = 2 * n * t * hidden * stack.dtype.itemsize + (site_buf.numel() * site_buf.element_size() if site_buf is not None else 0)
+    return BlockRun(plans, site_scores, fold_errors, written, param_delta, check_rows, time.perf_counter() - start,
+                    peak_rss_bytes(), buffers, pool.spilled)
+
+
+def fold_error_of(run: BlockRun) -> FoldError | None:
+    """The largest per-layer fold error (absolute and relative) as a :class:`FoldError`."""
+    if not run.fold_errors:
+        return None
+    return FoldError(max(a for a, _ in run.fold_errors), max(r for _, r in run.fold_errors), run.check_samples)
+
+
+def check_exact(run: BlockRun, tol: float = 1e-10) -> None:
+    """Every layer's fold must match its clamped original to float64 rounding."""
+    for a, r in run.fold_errors:
+        if not r <= tol:  # NaN fails too
+            raise CmrError(
+                f"a compiled layer differs from its clamped original by {a:.3g} (relative {r:.3g}, float64)",
+                "this model's graph is not supported for exact folding; set CMRTOOL_DEBUG=1 and report it",
+            )

@@ -1,0 +1,200 @@
+"""Entry points of the block engine for ``score`` and ``compile`` on Hugging Face directories
+(called by :mod:`cmrtool.api`, which validates the options first).
+
+Only block-local criteria run here: their evidence is statistics of the layer's own sites
+(moments, co-moments). Criteria that need the loss gradient through the rest of the network
+(``cmr-const``, ``cmr-affine``, ``taylor``, ``gndi``), ``--replacement optimal``,
+``--joint-refit``, ``--schedule`` and ``--allocation global`` are refused with an error that
+says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmrtool import distributed
+from cmrtool.compile import CompileReport
+from cmrtool.criteria import REGISTRY, get_criterion
+from cmrtool.engine.blocks import BlockStack
+from cmrtool.engine.loop import BlockRun, calibration_inputs, check_exact, fold_error_of, run_blocks, scratch
+from cmrtool.engine.options import EngineOptions
+from cmrtool.engine.writer import StreamWriter
+from cmrtool.errors import UsageError
+from cmrtool.plan import Plan
+from cmrtool.scoring import ScoreReport
+from cmrtool.sites import Site
+
+__all__ = ["EngineCompileReport", "check_supported", "score_dir", "compile_dir"]
+
+Log = Callable[[str], None]
+_LOCAL = frozenset({"moments", "cov"})
+
+
+def check_supported(criterion: str | None, replacement: str = "auto", schedule: int = 1, joint_refit: bool = False, allocation: str = "site") -> None:
+    """Refuse what the block engine cannot do, with the alternatives in the hint."""
+    local = sorted(n for n, c in REGISTRY.items() if c.needs <= _LOCAL)
+    why = "Hugging Face language models are processed block by block (one layer in memory at a time)"
+    if criterion is not None and not get_criterion(criterion).needs <= _LOCAL:  # needs "gradients" (protocol.CAPABILITIES)
+        raise UsageError(f"{criterion} needs the loss gradient through the rest of the network, and {why}",
+                         f"use a block-local criterion: {', '.join(local)}")
+    for bad, what in ((replacement == "optimal", "--replacement optimal"), (joint_refit, "--joint-refit"),
+                      (schedule > 1, "--schedule"), (allocation != "site", "--allocation global")):
+        if bad:
+            raise UsageError(f"{what} needs the curvature of the loss at the logits, and {why}",
+                             "drop it (mean, zero and affine replacements run per block)")
+
+
+def _check_sites(stack: BlockStack, chosen: Sequence[Site]) -> None:
+    outside = [s.name for s in chosen if not s.name.startswith(stack.layer_prefix + ".")]
+    if outside:
+        raise UsageError(f"site {outside[0]} is not inside a layer of {stack.layer_prefix}", "choose layer sites with --site")
+
+
+def score_dir(
+    stack: BlockStack, calib: str | Path, chosen: Sequence[Site], options: EngineOptions, criterion: str, seed: int,
+    limit: int | None, curvature: str, parents: int, ridge: float, loss: str, log: Log | None = None,
+) -> ScoreReport:
+    """Score ``chosen`` block by block (statistics of the original model; padding excluded)."""
+    check_supported(criterion)
+    _check_sites(stack, chosen)
+    cal = calibration_inputs(stack, calib, limit)
+    args = dict(criterion=criterion, seed=seed, batch_size=options.batch_size, curvature=curvature, parents=parents, ridge=ridge, loss=loss)
+    with scratch(options, None) as work:
+        run = run_blocks(stack, cal, chosen, dataclasses.replace(options, calibration="original"), score_args=args, work=work, log=log)
+    order = {s.name: k for k, s in enumerate(chosen)}
+    sites = tuple(sorted(run.scores, key=lambda s: order[s.name]))
+    return ScoreReport(criterion=criterion, source_sha256=stack.sha256, seed=seed, samples=cal.n, sites=sites)
+
+
+@dataclass(frozen=True)
+class EngineCompileReport(CompileReport):
+    """A :class:`CompileReport` with what the block engine adds: output dtype, calibration mode,
+    and its costs."""
+
+    dtype: str = ""
+    calibration: str = ""
+    engine: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "dtype": self.dtype, "calibration": self.calibration, "engine": dict(self.engine)}
+
+
+def compile_dir(
+    stack: BlockStack, out: Path, kind: str, calib: str | Path | None, chosen: Sequence[Site], report: ScoreReport | None,
+    plan_args: dict[str, Any], options: EngineOptions, log: Log | None = None,
+) -> EngineCompileReport:
+    """Reduce block by block and write ``out`` (a directory when ``kind == "dir"``, else one
+    ``.safetensors`` file with the plan in its metadata), atomically."""
+    from cmrtool.backends.checkpoint import ARCH_KEY, HF_CONFIG_KEY, PLAN_KEY
+    from cmrtool.compile import _staging
+    from cmrtool.engine.loop import _merge_plans
+
+    _check_sites(stack, chosen)
+    cal = calibration_inputs(stack, calib) if calib is not None else None
+    sequential = cal is not None and report is None and options.calibration == "sequential"
+    source = set(stack.top.state_dict())
+    layer_names = {k for i in range(len(stack)) for k in stack.layer_names(i)}
+    arch = f"hf:{type(stack.top).__name__}"
+    with scratch(options, out.parent) as work:
+        writer = StreamWriter(work, shard_bytes=2 << 30)
+
+        def write(name: str, t: torch.Tensor) -> None:
+            if not distributed.is_writer():
+                return
+            if kind == "dir" and name not in source and not bool(t.any()):
+                return  # a zero bias made by folding zeros: the config decides whether it exists
+            writer.add(name, t)
+
+        for name in stack.weights.names():  # embeddings, final norm, head: unchanged, copied in chunks
+            if name not in layer_names and name in source and distributed.is_writer():
+                info = stack.weights.info(name)
+                writer.add_raw(name, info.dtype, info.shape, stack.weights.chunks(name), stack.weights.nbytes(name))
+        if cal is None:
+            run = _fold_only(stack, chosen, report, plan_args, write)
+        else:
+            run = run_blocks(stack, cal, chosen, options, plan_args=plan_args, scores=report, write=write, work=work, log=log)
+        check_exact(run)
+        extra: tuple[tuple[str, Any], ...] = (("calibration", "sequential"),) if sequential else ()
+        if cal is not None:
+            extra += (("input_shapes", [list(s) for s in cal.shapes]),)
+        plan = _merge_plans(run.plans, stack.sha256, extra)
+        distributed.sync()  # under torchrun: every rank holds the same plan; rank 0 writes
+        if distributed.is_writer():
+            with _staging(out, kind) as stage:
+                if kind == "dir":
+                    _finish_dir(stack, plan, writer, stage)
+                    writer.finish(stage, None, {"format": "pt", PLAN_KEY: plan.dumps(), ARCH_KEY: arch})
+                else:
+                    meta = {"format": "pt", PLAN_KEY: plan.dumps(), ARCH_KEY: arch, HF_CONFIG_KEY: stack.config.to_json_string()}
+                    writer.finish(None, stage, meta)
+    rows = []
+    for sp in plan.sites:
+        site = stack.meta.site(sp.name)
+        rows.append({"name": sp.name, "kind": sp.kind, "width": sp.width, "kept": len(sp.kept), "replaced": len(sp.replaced), "fold": site.fold})
+    before = stack.meta.num_params()
+    params = set(dict(stack.top.named_parameters(remove_duplicate=False)))
+    after = sum(math.prod(shape) for k, shape in writer.shapes.items() if k in params or k not in source)
+    dtype = str(stack.checkpoint_dtype).replace("torch.", "")
+    fe = fold_error_of(run)
+    notes = [f"processed block by block ({options.calibration if cal is not None else 'no'} calibration); weights written in {dtype}"]
+    if fe is not None:
+        notes.append(f"fold error checked per layer in float64 on {fe.samples} calibration sequences")
+    engine = {"blocks": len(stack) + 2, "seconds": run.seconds, "peak_rss_bytes": run.peak_rss,
+              "buffer_bytes": run.buffer_bytes, "spilled_bytes": run.spilled_bytes}
+    return EngineCompileReport(
+        output=str(out), plan=plan, params_before=before, params_after=after, sites=tuple(rows),
+        fold_error=fe, notes=tuple(notes), dtype=dtype, calibration=options.calibration if sequential or cal is None else "original",
+        engine=engine,
+    )
+
+
+def _fold_only(stack: BlockStack, chosen: Sequence[Site], report: ScoreReport | None, plan_args: dict[str, Any], write: Callable[[str, torch.Tensor], None]) -> BlockRun:
+    """Compile from scores without calibration data: plan and fold each layer, no forward."""
+    from cmrtool.compile import make_plan
+    from cmrtool.engine.memory import peak_rss_bytes
+    from cmrtool.fold import fold
+
+    assert report is not None
+    plans: list[Plan] = []
+    written: dict[str, tuple[int, ...]] = {}
+    delta = 0
+    for i in range(len(stack)):
+        raw = stack.read_layer(i)
+        mine = stack.layer_sites(i)
+        mine = [s for s in chosen if s in mine]
+        tensors = raw
+        if mine:
+            plan = make_plan(report, mine, plan_args["keep"], plan_args["keep_count"], plan_args["round_to"], plan_args["replacement"], plan_args["allocation"])
+            plans.append(plan)
+            tensors = fold(raw, mine, plan).tensors
+        for k, v in tensors.items():
+            write(k, v)
+            written[k] = tuple(v.shape)
+            delta += v.numel() - (raw[k].numel() if k in raw else 0)
+    return BlockRun(plans, [], [], written, delta, 0, 0.0, peak_rss_bytes(), 0, 0)
+
+
+def _finish_dir(stack: BlockStack, plan: Plan, writer: StreamWriter, stage: Path) -> None:
+    """Config, plan file and the input's other files; zero biases the new config creates."""
+    from cmrtool.backends.hf import _OUTPUTS, PLAN_FILE, _copy_extras, check_dir_output
+    from cmrtool.errors import UsageError
+
+    config, want, tied = check_dir_output(stack.meta, plan)
+    for k, shape in want.items():
+        if k not in writer.shapes and k not in tied and k.endswith(".bias"):  # made by mlp_bias / attention_bias: zero is exact
+            writer.add(k, torch.zeros(shape, dtype=stack.checkpoint_dtype))
+    for k, shape in writer.shapes.items():
+        if k not in want:
+            raise UsageError(f"{type(config).__name__} cannot hold {k} (a bias the folded constants need)", f"use --replacement zero to fold nothing, {_OUTPUTS}")
+        if tuple(shape) != tuple(want[k]):
+            raise UsageError(f"config.json cannot express the reduced {k}: shape {tuple(shape)}, the config gives {want[k]}", f"keep those units {_OUTPUTS}")
+    config.save_pretrained(str(stage))
+    (stage / PLAN_FILE).write_text(plan.dumps())
+    _copy_extras(stack.path, stage)

@@ -1,0 +1,121 @@
+"""Writing a checkpoint block by block: tensors are appended to data files as they are made, and
+each safetensors file (``u64 header length | JSON header | tensor bytes``) is assembled at the
+end by writing its header and copying its data file behind it in fixed-size chunks, so memory
+never holds more than the block being written.
+
+Small outputs become one ``model.safetensors``; outputs over ``shard_bytes`` become
+``model-0000i-of-0000N.safetensors`` shards with a ``model.safetensors.index.json`` (the layout
+``save_pretrained`` writes and ``from_pretrained`` reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from cmrtool.tensorfile import SAFETENSORS_DTYPES
+
+__all__ = ["StreamWriter"]
+
+_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class StreamWriter:
+    """Append tensors (or raw bytes of a known dtype and shape); :meth:`finish` assembles the files.
+
+    Args:
+        scratch: a directory for the data files (removed by the caller).
+        shard_bytes: start a new shard after this many bytes.
+    """
+
+    def __init__(self, scratch: str | Path, shard_bytes: int = 4 << 30) -> None:
+        self.scratch = Path(scratch)
+        self.shard_bytes = shard_bytes
+        self._shards: list[tuple[Path, dict[str, dict[str, object]], int]] = []
+        self._file = None
+        self.names: set[str] = set()
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def _target(self, nbytes: int) -> tuple[object, dict[str, dict[str, object]], int]:
+        if not self._shards or (self._shards[-1][2] > 0 and self._shards[-1][2] + nbytes > self.shard_bytes):
+            if self._file is not None:
+                self._file.close()
+            path = self.scratch / f"data-{len(self._shards):05d}"
+            self._file = open(path, "wb")
+            self._shards.append((path, {}, 0))
+        return self._shards[-1]
+
+    def add_raw(self, name: str, dtype: torch.dtype, shape: Iterable[int], pieces: Iterable[bytes], nbytes: int) -> None:
+        """Append tensor ``name`` from its raw little-endian bytes."""
+        path, header, size = self._target(nbytes)
+        written = 0
+        for piece in pieces:
+            self._file.write(piece)  # type: ignore[attr-defined]
+            written += len(piece)
+        assert written == nbytes, (name, written, nbytes)
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [size, size + nbytes]}
+        self._shards[-1] = (path, header, size + nbytes)
+        self.names.add(name)
+        self.shapes[name] = tuple(shape)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous().cpu()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        self.add_raw(name, t.dtype, t.shape, [data], len(data))
+
+    def finish(self, directory: str | Path | None, single: str | Path | None, metadata: dict[str, str]) -> list[Path]:
+        """Write the safetensors file(s): ``single`` (one file, whatever its size) or into
+        ``directory`` (one ``model.safetensors`` or shards with an index). Returns the files."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if not self._shards:
+            self._target(0)
+            self._file.close()  # type: ignore[attr-defined]
+            self._file = None
+        if single is not None:
+            merged = {k: v for _, h, _ in self._shards for k, v in h.items()}
+            offset = 0
+            for _, h, size in self._shards:  # one file: offsets continue across data files
+                for k in h:
+                    b, e = merged[k]["data_offsets"]  # type: ignore[misc]
+                    merged[k] = {**merged[k], "data_offsets": [b + offset, e + offset]}
+                offset += size
+            _assemble(Path(single), merged, [p for p, _, _ in self._shards], metadata)
+            return [Path(single)]
+        out = Path(directory)  # type: ignore[arg-type]
+        n = len(self._shards)
+        if n == 1:
+            files = [out / "model.safetensors"]
+        else:
+            files = [out / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map: dict[str, str] = {}
+        total = 0
+        for f, (path, header, size) in zip(files, self._shards):
+            _assemble(f, header, [path], metadata)
+            weight_map.update({k: f.name for k in header})
+            total += size
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return files
+
+
+def _assemble(dest: Path, header: dict[str, object], data_files: list[Path], metadata: dict[str, str]) -> None:
+    doc = dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))  # type: ignore[index]
+    doc = {"__metadata__": metadata, **doc}
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    with open(dest, "wb") as out:
+        out.write(struct.pack("<Q", len(text)))
+        out.write(text)
+        for path in data_files:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+            os.unlink(path)
