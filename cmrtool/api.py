@@ -312,7 +312,17 @@ def compile(
         plan_args = dict(keep=keep, keep_count=keep_count, round_to=round_to, schedule=1, progress=_no_progress,
                          criterion=criterion, replacement=replacement, allocation=allocation, joint_refit=joint_refit,
                          parents=parents, ridge=ridge, curvature=curvature, seed=seed, batch_size=engine_options.batch_size, loss=loss)
-        return compile_dir(stack, out, kind, calib, chosen, report, plan_args, engine_options, _log_of(progress))
+        if kind != "dir" or replacement == "zero":
+            return compile_dir(stack, out, kind, calib, chosen, report, plan_args, engine_options, _log_of(progress))
+        from cmrtool.backends.hfout import dir_output_for_sites
+
+        # Layers are folded as they are processed, so where the output's config goes is decided first.
+        written_as, dir_notes, zeroed = dir_output_for_sites(model, chosen)
+        for note in dir_notes:
+            if warn:
+                warn(note)
+        result = compile_dir(stack, out, kind, calib, chosen, report, {**plan_args, "zero_sites": zeroed}, engine_options, _log_of(progress))
+        return dataclasses.replace(result, written_as=written_as, notes=dir_notes + result.notes)
 
     data = open_data(calib, model) if calib is not None else None
     report = _read_scores(scores, model.sha256, read_bytes)

@@ -47,6 +47,14 @@ def _vocab_size(model: Any) -> int | None:
     return int(size) if isinstance(size, int) and size > 0 else None
 
 
+def _on_meta_device(model: Any) -> bool:
+    module = getattr(model, "module", None)
+    if not isinstance(module, torch.nn.Module):
+        return False
+    first = next(module.parameters(), None)
+    return first is not None and first.is_meta
+
+
 def check_data(ds: Any, model: Any) -> None:
     """Refuse data that ``model`` cannot take (see the module docstring)."""
     from cmrtool.data import LABELS
@@ -81,6 +89,8 @@ def check_data(ds: Any, model: Any) -> None:
         lo, lo_row, labels_max, hi_row = _scan(ds, LABELS)
         if lo < 0:
             raise InputError(f"label {lo} in {ds.path} (sample {lo_row}) is negative", "labels are class indices 0..classes-1 (drop ignored samples instead of marking them -100)")
+    if _on_meta_device(model):  # the block engine's skeleton: its layers are checked as they run
+        return
     probe = ds.read(0, 1, labels=False)
     try:
         with torch.no_grad():

@@ -31,7 +31,7 @@ from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.sites import Site
 
-__all__ = ["DirChoice", "choose_dir_output", "reduced_config"]
+__all__ = ["DirChoice", "choose_dir_output", "dir_output_for_sites", "reduced_config", "zero_replacements"]
 
 _DEFAULT_FLAGS = {"neuron": "mlp_bias", "head": "attention_bias"}
 
@@ -73,11 +73,20 @@ def _as_other(config: Any, family: Family | None) -> bool:
 
 def choose_dir_output(model: Any, plan: Plan) -> DirChoice:
     """Decide how a stock directory holds ``plan`` (see the module docstring)."""
+    planned = {sp.name for sp in plan.sites if _needs_bias(model.site(sp.name), sp)}
+    written_as, notes, zeroed = dir_output_for_sites(model, [model.site(n) for n in planned])
+    return DirChoice(zero_replacements(plan, zeroed), written_as, notes)
+
+
+def dir_output_for_sites(model: Any, sites: Sequence[Site]) -> tuple[str, tuple[str, ...], frozenset[str]]:
+    """The class a directory is written as, its notices, and the sites whose replaced units are
+    deleted, for ``sites`` whose replacements fold something into a new bias. The block engine
+    asks this before any layer is processed, since it folds each layer as it goes."""
     config, family = model.hf_config, family_of(model.hf_config)
     label = family.label if family is not None else config.model_type
-    homeless = [sp for sp in plan.sites if _needs_bias(model.site(sp.name), sp) and not _holds(config, family, model.site(sp.name))]
-    other = [sp for sp in homeless if _as_other(config, family) and "#" not in (model.site(sp.name).consumers[0].fold_target or "")]
-    zeroed = {sp.name for sp in homeless if sp not in other}
+    homeless = [s for s in sites if any(c.fold_mode == "new-bias" for c in s.consumers) and not _holds(config, family, s)]
+    other = [s for s in homeless if _as_other(config, family) and "#" not in (s.consumers[0].fold_target or "")]
+    zeroed = frozenset(s.name for s in homeless if s not in other)
     notes: list[str] = []
     written_as = type(model.module).__name__
     if other:
@@ -92,12 +101,18 @@ def choose_dir_output(model: Any, plan: Plan) -> DirChoice:
             f"{' (expert layers are bias-free)' if experts else ''}: their replaced units are deleted (--replacement zero) instead; "
             "-o reduced.safetensors keeps the folded constants"
         )
-        sites = tuple(
-            dataclasses.replace(sp, replacement=Replacement("constant", (0.0,) * len(sp.replacement.values))) if sp.name in zeroed else sp
-            for sp in plan.sites
-        )
-        plan = dataclasses.replace(plan, sites=sites)
-    return DirChoice(plan, written_as, tuple(notes))
+    return written_as, tuple(notes), zeroed
+
+
+def zero_replacements(plan: Plan, names: frozenset[str] | set[str]) -> Plan:
+    """``plan`` with the replaced units of ``names`` deleted (zero constants: nothing to fold)."""
+    if not names:
+        return plan
+    sites = tuple(
+        dataclasses.replace(sp, replacement=Replacement("constant", (0.0,) * (len(sp.replaced) * sp.group))) if sp.name in names else sp
+        for sp in plan.sites
+    )
+    return dataclasses.replace(plan, sites=sites)
 
 
 def _class_suffix(name: str) -> str:

@@ -202,13 +202,16 @@ def run_blocks(
         work: the work directory for spilled buffers (see :func:`scratch`).
         log: one line per block (tokens/s, resident memory).
     """
+    from cmrtool.backends.hfout import zero_replacements
     from cmrtool.reduce import plan_reduction
 
     compiling = plan_args is not None
     bs = options.batch_for(int(calib.mask.shape[1]))
     options = dataclasses.replace(options, batch_size=bs)
+    zero_sites: frozenset[str] = frozenset()
     if plan_args is not None:
         plan_args = {**plan_args, "batch_size": bs}
+        zero_sites = frozenset(plan_args.pop("zero_sites", ()))  # no bias to hold their constants (hfout)
     if score_args is not None:
         score_args = {**score_args, "batch_size": bs}
     sequential = compiling and scores is None and options.calibration == "sequential"
@@ -268,6 +271,7 @@ def run_blocks(
         with torch.no_grad():
             if mine and compiling:
                 plan = plan_reduction(block, data, mine, _block_report(scores, {s.name for s in mine}), **plan_args)
+                plan = zero_replacements(plan, zero_sites & {s.name for s in mine})
                 plans.append(plan)
             elif mine:
                 report = score_model(block, data, sites=mine, **(score_args or {}))

@@ -34,7 +34,7 @@ from cmrtool.sites import Site
 __all__ = ["EngineCompileReport", "check_supported", "score_dir", "compile_dir"]
 
 Log = Callable[[str], None]
-_LOCAL = frozenset({"moments", "cov"})
+_LOCAL = frozenset({"moments", "cov", "consumers"})  # what one layer gives: statistics and its own weights
 
 
 def check_supported(criterion: str | None, replacement: str = "auto", schedule: int = 1, joint_refit: bool = False, allocation: str = "site") -> None:
@@ -157,6 +157,7 @@ def compile_dir(
 
 def _fold_only(stack: BlockStack, chosen: Sequence[Site], report: ScoreReport | None, plan_args: dict[str, Any], write: Callable[[str, torch.Tensor], None]) -> BlockRun:
     """Compile from scores without calibration data: plan and fold each layer, no forward."""
+    from cmrtool.backends.hfout import zero_replacements
     from cmrtool.compile import make_plan
     from cmrtool.engine.memory import peak_rss_bytes
     from cmrtool.fold import fold
@@ -172,6 +173,7 @@ def _fold_only(stack: BlockStack, chosen: Sequence[Site], report: ScoreReport | 
         tensors = raw
         if mine:
             plan = make_plan(report, mine, plan_args["keep"], plan_args["keep_count"], plan_args["round_to"], plan_args["replacement"], plan_args["allocation"])
+            plan = zero_replacements(plan, frozenset(plan_args.get("zero_sites", ())))
             plans.append(plan)
             tensors = fold(raw, mine, plan).tensors
         for k, v in tensors.items():
