@@ -126,10 +126,13 @@ class BlockStack:
         from cmrtool.backends.hf import _sha256_dir, transformers_module
 
         self.path = Path(path)
+        from cmrtool.hfcheck import refuse_remote_code
+
         tf = transformers_module()
+        refuse_remote_code(self.path)
         self.weights = LazyWeights(self.path)
         try:
-            config = tf.AutoConfig.from_pretrained(str(self.path), local_files_only=True)
+            config = tf.AutoConfig.from_pretrained(str(self.path), local_files_only=True, trust_remote_code=False)
         except Exception as e:  # transformers raises many exception types for bad directories
             raise InputError(f"transformers could not read {self.path / 'config.json'}: {str(e).splitlines()[0][:200]}",
                              "check the directory's config.json") from e
@@ -159,11 +162,19 @@ class BlockStack:
         self._embeddings: nn.Module | None = None
 
     def _check_names(self) -> None:
-        want = set(self.top.state_dict())
-        missing = [k for k in want if k not in self.weights and not self._tied(k)]
-        if missing:
-            raise InputError(f"{self.path} has no tensor {missing[0]}, which {type(self.top).__name__} expects",
-                             "re-save the model with save_pretrained")
+        """The checkpoint's tensors are exactly the ones the config's model has (names and shapes),
+        as the whole-model loader requires (:func:`cmrtool.hfcheck.check_loading_info`)."""
+        import re
+
+        from cmrtool.hfcheck import check_loading_info
+
+        want = dict(self.top.state_dict())
+        have = set(self.weights.names())
+        ignore = [re.compile(p) for p in (getattr(self.top, "_keys_to_ignore_on_load_unexpected", None) or [])]
+        missing = [k for k in want if k not in have and not self._tied(k)]
+        unexpected = [k for k in have if k not in want and not any(p.search(k) for p in ignore)]
+        resized = [k for k in want if k in have and tuple(self.weights.info(k).shape) != tuple(want[k].shape)]
+        check_loading_info(self.path, {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": resized})
 
     def _tied(self, name: str) -> bool:
         tied = getattr(self.top, "_tied_weights_keys", None) or {}
