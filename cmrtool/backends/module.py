@@ -151,8 +151,12 @@ class ModuleModel:
         inputs: Sequence[torch.Tensor],
         capture: Sequence[str] = (),
         edits: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        submodule: str | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run a batch, capturing site values and replacing them by ``where(mask, fill, value)``.
+
+        ``submodule`` runs only that child (e.g. a language model's base ``model``, whose output
+        is the final hidden states), the inputs passed by name.
 
         Returns:
             ``(logits, {site: value})``; a captured value is taken after its edit.
@@ -166,7 +170,12 @@ class ModuleModel:
                 for i, (mod, split) in enumerate(zip(tap.modules, tap.splits)):
                     hook = _tap_hook(split, edits.get(name), values, name if i == 0 and name in capture else None)
                     handles.append(self.module.get_submodule(mod).register_forward_pre_hook(hook))
-            out = self.module(*inputs, **self.call_kwargs)
+            if submodule is None:
+                out = self.module(*inputs, **self.call_kwargs)
+            else:
+                sub = self.module.get_submodule(submodule)
+                accepted = inspect.signature(sub.forward).parameters
+                out = sub(**dict(zip(self.arg_names, inputs)), **{k: v for k, v in self.call_kwargs.items() if k in accepted})
         finally:
             for h in handles:
                 h.remove()
