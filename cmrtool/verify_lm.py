@@ -31,7 +31,7 @@ from cmrtool.verify_tokens import TokenFidelity
 
 __all__ = ["TokenModel", "token_models", "sample_mask", "Stores", "stream_fidelity"]
 
-_LOGIT_ELEMENTS = 12 << 20  # logits per head chunk (tokens × V): 48 MB in fp32
+_LOGIT_ELEMENTS = 8 << 20  # logits per head chunk (tokens × V): 32 MB in fp32
 _PASS_BYTES = 64 << 20  # hidden states and captured site values of one base pass
 
 

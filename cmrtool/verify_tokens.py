@@ -149,30 +149,33 @@ class TokenFidelity:
 
     def add(self, zo: torch.Tensor, zr: torch.Tensor, zc: torch.Tensor | None = None, target: torch.Tensor | None = None) -> None:
         """Fold in one chunk: ``zo``, ``zr`` (and O_clamped's ``zc``) ``(rows, V)``; ``target``
-        ``(rows,)`` next-token ids or None. Sums run in float64."""
+        ``(rows,)`` next-token ids or None. Per-token figures in the logits' precision (at least
+        float32: a float64 chunk of a large vocabulary would double the transient memory),
+        sums in float64."""
         if zo.shape[0] == 0:
             return
-        zo, zr = zo.to(torch.float64), zr.to(torch.float64)
+        dtype = torch.promote_types(zo.dtype, torch.float32)
+        zo, zr = zo.to(dtype), zr.to(dtype)
         lp, lq = torch.log_softmax(zo, -1), torch.log_softmax(zr, -1)
         kl = (lp.exp() * (lp - lq)).sum(-1)
         po, pr = zo.argmax(-1), zr.argmax(-1)
         d = (zr - zo).abs_()
         self.n += zo.shape[0]
         self.agree += int((po == pr).sum())
-        self.kl_sum += float(kl.sum())
+        self.kl_sum += float(kl.sum(dtype=torch.float64))
         self.kl_max = max(self.kl_max, float(kl.max()))
-        self.kl.add(kl.numpy())
-        self.dl_sum += float(d.mean(-1).sum())
+        self.kl.add(kl.double().numpy())
+        self.dl_sum += float(d.mean(-1, dtype=torch.float64).sum())
         self.dl_max = max(self.dl_max, float(d.max()))
         if zc is not None:
-            zc = zc.to(torch.float64)
+            zc = zc.to(dtype)
             self.fold_error = max(self.fold_error, float((zr - zc).abs().max()))
             self.scale = max(self.scale, float(zc.abs().max()))
         if target is not None:
             t = target.reshape(-1, 1)
             self.targets += t.shape[0]
-            self.nll_o -= float(lp.gather(-1, t).sum())
-            self.nll_r -= float(lq.gather(-1, t).sum())
+            self.nll_o -= float(lp.gather(-1, t).sum(dtype=torch.float64))
+            self.nll_r -= float(lq.gather(-1, t).sum(dtype=torch.float64))
             self.correct_o += int((po == target).sum())
             self.correct_r += int((pr == target).sum())
 
@@ -202,7 +205,8 @@ def swap_scalars(zl: torch.Tensor, zh: torch.Tensor) -> dict[str, np.ndarray]:
     float64 arrays: ``pred`` (argmax z_L), ``agree``, ``sq`` = ‖z_H − z_L‖², ``inf2`` =
     ‖z_H − z_L‖∞², ``kl`` = KL(z_L‖z_H), ``kl_reverse``, ``margin`` (top-1 minus top-2 of z_L).
     One chunk at a time, so a large vocabulary never meets all swaps at once."""
-    zl, zh = zl.to(torch.float64), zh.to(torch.float64)
+    dtype = torch.promote_types(zl.dtype, torch.float32)
+    zl, zh = zl.to(dtype), zh.to(dtype)
     lp, lq = torch.log_softmax(zl, -1), torch.log_softmax(zh, -1)
     diff = zh - zl
     pred = zl.argmax(-1)
@@ -210,13 +214,13 @@ def swap_scalars(zl: torch.Tensor, zh: torch.Tensor) -> dict[str, np.ndarray]:
         top2 = zl.topk(2, dim=-1).values
         margin = top2[:, 0] - top2[:, 1]
     else:
-        margin = torch.full((zl.shape[0],), math.inf, dtype=torch.float64)
+        margin = torch.full((zl.shape[0],), math.inf, dtype=dtype)
     return {
         "pred": pred.numpy(),
         "agree": (pred == zh.argmax(-1)).numpy(),
-        "sq": diff.square().sum(-1).numpy(),
-        "inf2": diff.abs().amax(-1).square().numpy(),
-        "kl": (lp.exp() * (lp - lq)).sum(-1).numpy(),
-        "kl_reverse": (lq.exp() * (lq - lp)).sum(-1).numpy(),
-        "margin": margin.numpy(),
+        "sq": diff.square().sum(-1, dtype=torch.float64).numpy(),
+        "inf2": diff.abs().amax(-1).double().square().numpy(),
+        "kl": (lp.exp() * (lp - lq)).sum(-1, dtype=torch.float64).numpy(),
+        "kl_reverse": (lq.exp() * (lq - lp)).sum(-1, dtype=torch.float64).numpy(),
+        "margin": margin.double().numpy(),
     }
