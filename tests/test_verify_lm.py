@@ -228,7 +228,9 @@ def test_verify_never_holds_eval_tokens_times_vocabulary_logits(tmp_path):
     _llama(vocab=vocab, dtype=torch.float32, tie_word_embeddings=True).save_pretrained(str(tmp_path / "llama"))
     _data(tmp_path / "d.safetensors", n=32, length=32, vocab=vocab)
     api.compile(tmp_path / "llama", tmp_path / "r.safetensors", calib=tmp_path / "d.safetensors", keep=0.5)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A fixed mmap threshold: freed chunks go back to the system, so the peak RSS measures live
+    # memory rather than glibc's heap retention (which grows past the logits on its own).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "CMRTOOL_MALLOC": "system"}
     out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tmp_path)], capture_output=True, text=True, env=env, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     full = got["tokens"] * vocab * 4  # one fp32 copy of the eval tokens' logits
