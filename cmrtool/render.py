@@ -157,6 +157,16 @@ def bench_table(report: Any, console: Console) -> None:
         )
     console.print(size)
     console.print(speed)
+    if report.generation:
+        gen = Table(show_edge=False, header_style="bold", title=f"generation: {report.prompt_tokens}-token prompts, {report.decode_tokens} greedy steps")
+        for col in ("model", "batch", "prefill tok/s", "speedup", "decode tok/s", "speedup"):
+            gen.add_column(col, justify="left" if col == "model" else "right")
+        for g in report.generation:
+            gen.add_row(
+                escape(g.path), str(g.batch), fmt_int(round(g.prefill_tokens_per_s)), _fmt_ratio(g.prefill_speedup),
+                fmt_int(round(g.decode_tokens_per_s)), _fmt_ratio(g.decode_speedup),
+            )
+        console.print(gen)
     with_sites = [(i, m) for i, m in enumerate(report.models, 1) if m.sites]
     if with_sites:
         names = list(dict.fromkeys(s.name for _, m in with_sites for s in m.sites))

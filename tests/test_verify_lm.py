@@ -236,3 +236,27 @@ def test_verify_never_holds_eval_tokens_times_vocabulary_logits(tmp_path):
     full = got["tokens"] * vocab * 4  # one fp32 copy of the eval tokens' logits
     assert got["tokens"] > 600 and 0 <= got["agreement"] <= 1
     assert got["growth"] < full / 4, (got, full)
+
+
+def test_sweep_rows_are_per_token(lm):
+    root, _, _ = lm
+    r = api.sweep(root / "llama", root / "data.safetensors", root / "data.safetensors", keeps=[0.5], criteria=["cmr-logit"],
+                  kinds=["neuron"], swaps=20)
+    row = r.to_json()["rows"][0]
+    assert row["unit"] == "token" and 0 <= row["agreement"] <= 1 and 0 < row["fidelity_kl"]
+    assert row["perplexity_ratio"] > 0 and 0 <= row["iia"] <= 1
+
+
+def test_bench_prefill_and_decode(lm, cli):
+    root, _, _ = lm
+    r = cli("bench", root / "llama", root / "r.safetensors", "--input-shape", "1,9", "--batch", "3", "--device", "cpu", "--dtype", "fp32",
+            "--warmup", "1", "--repeats", "2", "--prompt-tokens", "8", "--decode-tokens", "3", "--threads", "1")
+    assert r.code == 0, r.err
+    d = r.json()
+    gen = d["generation"]
+    assert (gen["prompt_tokens"], gen["decode_tokens"]) == (8, 3) and d["mac_ratio"] > 1  # old keys kept
+    assert [(g["batch"], g["prefill_speedup"] is None) for g in gen["results"]] == [(1, True), (1, False), (3, True), (3, False)]
+    assert all(g["prefill_tokens_per_s"] > 0 and g["decode_tokens_per_s"] > 0 for g in gen["results"])
+    off = cli("bench", root / "llama", "--input-shape", "1,9", "--device", "cpu", "--dtype", "fp32", "--warmup", "0", "--repeats", "1",
+              "--decode-tokens", "0", "--threads", "1")
+    assert off.code == 0 and off.json()["generation"] is None
