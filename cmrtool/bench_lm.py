@@ -62,21 +62,27 @@ def _steps(module: Any, ids: torch.Tensor, steps: int, sync: Callable[[], None])
     """Seconds of one prefill of ``ids`` and of ``steps`` greedy decode steps after it."""
     params = inspect.signature(module.forward).parameters
     last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers renamed it
     mask = torch.ones_like(ids)
     sync()
     t0 = time.perf_counter()
     out = module(input_ids=ids, attention_mask=mask, use_cache=True, **last)
     sync()
     t1 = time.perf_counter()
-    cache = out.past_key_values
+    cache = _cache(out)
     token = out.logits[:, -1:].argmax(-1)
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(token)], 1)
-        out = module(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = module(input_ids=token, attention_mask=mask, use_cache=True, **{cache_arg: cache})
+        cache = _cache(out)
         token = out.logits[:, -1:].argmax(-1)
     sync()
     return t1 - t0, time.perf_counter() - t1
+
+
+def _cache(out: Any) -> Any:
+    cache = getattr(out, "past_key_values", None)
+    return getattr(out, "cache", None) if cache is None else cache
 
 
 def bench_generation(
