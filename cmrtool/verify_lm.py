@@ -173,7 +173,7 @@ def stream_fidelity(
                 sl = slice(c, c + chunk)
                 zo = o.logits(ho[sl])
                 acc.add(zo, r.logits(hr[sl]), o.logits(hc[sl]), None if target is None else target[sl])
-                preds.append(zo.argmax(-1))
+                preds.append(zo.max(-1).indices)
             first += flat.numel()
             advance(x[0].shape[0])
     return acc, torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
