@@ -709,7 +709,7 @@ def verify(
     frontiers: dict[str, list[list[list[torch.Tensor]]]] = {"low": [], "high": []}
     preds: list[torch.Tensor] = []
     fe = scale = kl_sum = dl_sum = dl_max = 0.0
-    agree = n = correct_o = correct_r = 0
+    agree = n = predictions = correct_o = correct_r = 0
     has_labels = False
     ds_low = ds_high = None
     edits = blends = None
@@ -753,6 +753,7 @@ def verify(
                 correct_o += int((po == batch.labels).sum())
                 correct_r += int((pr == batch.labels).sum())
             n += len(batch)
+            predictions += po.numel()  # per position when a model's logits are per token
             advance(len(batch))
             # Later batches as large as the activation budget allows (at least --batch-size):
             # fewer, larger passes; every activation is cached for the interchange runs anyway.
@@ -779,7 +780,7 @@ def verify(
     # 4. ONNX parity.
     onnx_diff = onnx_parity(onnx, reduced, inputs) if onnx else None
     return _report(
-        original, reduced, plan, summaries, len(chosen), thresholds, settings, fe, scale, agree / n, kl_sum / n, dl_sum / n, dl_max,
+        original, reduced, plan, summaries, len(chosen), thresholds, settings, fe, scale, agree / predictions, kl_sum / predictions, dl_sum / predictions, dl_max,
         correct_o / n if has_labels else None, correct_r / n if has_labels else None, n, onnx_diff, [], None,
     )
 
