@@ -156,32 +156,24 @@ def test_token_swap_equals_a_direct_intervention(lm):
     seq, pos = samples.nonzero(as_tuple=True)
     base, source = draw_token_swaps(samples, 50, _generator(0, "x"))
     assert bool((pos[base] == pos[source]).all()) and bool((seq[base] != seq[source]).all())
-    # one swap by hand at the first MLP site, all retained units from the source
+    # The run's one swap, by hand: its draw is seeded by its label (the site name).
     name = "model.layers.0.mlp"
     kept = list(r.plan.site(name).kept)
-    b, s = int(base[0]), int(source[0])
-    i, j, t = int(seq[b]), int(seq[s]), int(pos[b])
-    with torch.no_grad():
-        _, clean = o.run([ids[j : j + 1], mask[j : j + 1]], capture=[name])
-        m = torch.zeros(1, ids.shape[1], 24, dtype=torch.bool)
-        m[0, t, kept] = True
-        z, _ = o.run([ids[i : i + 1], mask[i : i + 1]], edits={name: (m, clean[name][:, t : t + 1].expand(1, ids.shape[1], 24))})
-        assert not torch.allclose(z[0, t], o.forward([ids[i : i + 1], mask[i : i + 1]])[0, t])  # the swap changes something
     v = api.verify(root / "llama", root / "r.safetensors", root / "data.safetensors", swaps=1, p=1.0, seed=0, sites=[name])
-    # the run's draw is seeded by its label (the site name), so redo the check with its own draw
     base1, source1 = draw_token_swaps(samples, 1, _generator(0, name))
-    b, s = int(base1[0]), int(source1[0])
-    i, j, t = int(seq[b]), int(seq[s]), int(pos[b])
+    i, j, t = int(seq[base1[0]]), int(seq[source1[0]]), int(pos[base1[0]])
+
+    def swapped(model, units):
+        """The model on sequence i with ``units`` of the site at position t from sequence j."""
+        _, clean = model.run([ids[j : j + 1], mask[j : j + 1]], capture=[name])
+        width = clean[name].shape[-1]
+        m = torch.zeros(1, ids.shape[1], width, dtype=torch.bool)
+        m[0, t, units] = True
+        return model.run([ids[i : i + 1], mask[i : i + 1]], edits={name: (m, clean[name][:, t : t + 1].expand(1, ids.shape[1], width))})[0]
+
     with torch.no_grad():
-        _, clean = o.run([ids[j : j + 1], mask[j : j + 1]], capture=[name])
-        m = torch.zeros(1, ids.shape[1], 24, dtype=torch.bool)
-        m[0, t, kept] = True
-        z, _ = o.run([ids[i : i + 1], mask[i : i + 1]], edits={name: (m, clean[name][:, t : t + 1].expand(1, ids.shape[1], 24))})
-        zr, _ = r.run([ids[i : i + 1], mask[i : i + 1]])
-        _, rclean = r.run([ids[j : j + 1], mask[j : j + 1]], capture=[name])
-        mr = torch.zeros(1, ids.shape[1], len(kept), dtype=torch.bool)
-        mr[0, t] = True
-        zh, _ = r.run([ids[i : i + 1], mask[i : i + 1]], edits={name: (mr, rclean[name][:, t : t + 1].expand(1, ids.shape[1], len(kept)))})
+        z, zh = swapped(o, kept), swapped(r, list(range(len(kept))))
+        assert not torch.allclose(z[0, t], o.forward([ids[i : i + 1], mask[i : i + 1]])[0, t])  # the swap changes something
     lp, lq = torch.log_softmax(z[0, t], 0), torch.log_softmax(zh[0, t], 0)
     assert v.sites[0].kl == pytest.approx(float((lp.exp() * (lp - lq)).sum()), rel=1e-9)
     assert v.sites[0].iia == float(z[0, t].argmax() == zh[0, t].argmax())
