@@ -12,8 +12,8 @@ into a temporary directory that is deleted afterwards. Then, in that directory:
 1. ``cmrtool compile`` at FFN keep ``--keep`` (``--kind neuron``), calibrated on random tokens;
 2. **verify memory**: ``cmrtool verify`` on ``--sequences × --length`` random eval tokens in a
    child process; its peak RSS from ``os.wait4`` (``ru_maxrss``);
-3. **verify time ratio**: in one child, after one untimed warm-up of each, alternating
-   ``--pairs`` times: ``cmrtool.verify.verify`` on the loaded models vs one plain forward of O
+3. **verify time ratio**: in one child (after one untimed warm-up of each with ``--warmup``),
+   alternating ``--pairs`` times: ``cmrtool.verify.verify`` on the loaded models vs one plain forward of O
    plus one of R over the same tokens (whole-model forwards in batches of ``--batch``
    sequences); the median of the per-pair ratios is printed, with verify's parts;
 4. **generation**: ``cmrtool.api.bench`` prefill and decode tokens/s of original and reduced
@@ -99,7 +99,7 @@ import json, statistics, sys, time, torch
 from cmrtool import api
 from cmrtool.data import open_data
 from cmrtool.verify import verify
-orig, red, data_path, swaps, batch, pairs, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+orig, red, data_path, swaps, batch, pairs, threads, warm = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 api.configure(threads)
 o, r = api.open_model(orig), api.open_model(red)
 data = open_data(data_path, o)
@@ -111,7 +111,8 @@ def plain():
                 m.forward([t[i:i + batch] for t in x])
 def check():
     return verify(o, r, data, swaps=swaps)
-plain(); check()  # warm-up
+if warm:
+    plain(); check()  # warm-up
 ratios, vt, pt = [], [], []
 for k in range(pairs):
     for f in ((plain, check) if k % 2 == 0 else (check, plain)):
@@ -132,10 +133,11 @@ def main() -> None:
     ap.add_argument("--swaps", type=int, default=8, help="interchange swaps per site (and for all sites)")
     ap.add_argument("--batch", type=int, default=8, help="sequences per plain forward")
     ap.add_argument("--pairs", type=int, default=2, help="alternated verify / plain pairs")
+    ap.add_argument("--warmup", action="store_true", help="one untimed verify and plain run first")
     ap.add_argument("--gen-batch", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--gen-repeats", type=int, default=3)
+    ap.add_argument("--gen-repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check-samples", type=int, default=8, help="compile's fold-check samples")
     args = ap.parse_args()
@@ -168,7 +170,7 @@ def main() -> None:
 
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         out = subprocess.run([sys.executable, "-c", _TIMING_CHILD, str(model), str(red), str(tmp / "eval.safetensors"), str(args.swaps),
-                              str(args.batch), str(args.pairs), str(args.threads)], capture_output=True, text=True, cwd=ROOT, env=env)
+                              str(args.batch), str(args.pairs), str(args.threads), str(int(args.warmup))], capture_output=True, text=True, cwd=ROOT, env=env)
         if out.returncode:
             raise SystemExit(f"timing failed:\n{out.stderr}")
         timing = json.loads(out.stdout.strip().splitlines()[-1])

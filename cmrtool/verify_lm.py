@@ -20,6 +20,7 @@ else the model is verified per sample as before.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cmrtool.backends.module import output_tensor
 from cmrtool.verify_tokens import TokenFidelity
 
 __all__ = ["TokenModel", "token_models", "sample_mask", "Stores", "stream_fidelity"]
@@ -46,7 +48,29 @@ class TokenModel:
 
     def hidden(self, x: Sequence[torch.Tensor], capture: Sequence[str] = (), edits: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Final hidden states ``(b, T, H)`` and captured site values of a pass of the base."""
-        return self.model.run(x, capture=capture, edits=edits, submodule=self.base)
+        out, values = self.model.run(x, capture=capture, edits=edits, submodule=self.base)
+        return output_tensor(out), values
+
+    def hidden_and_cache(self, x: Sequence[torch.Tensor], capture: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`hidden` of a causal base, with its KV cache as per-layer ``(keys, values)``."""
+        out, values = self.model.run(x, capture=capture, submodule=self.base, extra={"use_cache": True})
+        cache = getattr(out, "past_key_values", None)
+        cache = getattr(out, "cache", None) if cache is None else cache
+        return output_tensor(out), values, [(layer.keys, layer.values) for layer in cache.layers]
+
+    def step(self, token: torch.Tensor, t: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], edits: dict[str, Any]) -> torch.Tensor:
+        """Final hidden state ``(b, H)`` of one token per row at position ``t`` (``(b,)``),
+        attending to the first ``t`` positions of the clean cache ``kv`` (per layer ``(b, heads,
+        T, d)``): the same value as a run of the sequence cut after t, for one token's work."""
+        from transformers import DynamicCache
+
+        length = kv[0][0].shape[2]
+        mask = torch.cat([(torch.arange(length) < t.unsqueeze(1)).long(), torch.ones(t.numel(), 1, dtype=torch.long)], 1)
+        accepted = inspect.signature(self.model.module.get_submodule(self.base).forward).parameters
+        cache_arg = "cache" if "cache" in accepted else "past_key_values"  # transformers renamed it
+        extra = {"position_ids": t.unsqueeze(1), cache_arg: DynamicCache(ddp_cache_data=kv), "use_cache": True}
+        out, _ = self.model.run([token.unsqueeze(1), mask], edits=edits, submodule=self.base, extra=extra)
+        return output_tensor(out)[:, 0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)
@@ -77,7 +101,7 @@ def token_models(original: Any, reduced: Any, data: Any) -> tuple[TokenModel, To
         if full.dim() != 3 or tuple(full.shape[:2]) != tuple(x[0].shape[:2]):
             return None
         h, _ = original.run(x, submodule=base)
-        z = original.module.get_submodule(head)(h)
+        z = original.module.get_submodule(head)(output_tensor(h))
     tol = 1e-4 * max(1.0, float(full.abs().max()))
     if z.shape != full.shape or not bool(((z - full).abs() <= tol).all()):
         return None
@@ -134,7 +158,7 @@ class Stores:
 
 def stream_fidelity(
     o: TokenModel, r: TokenModel, inputs: Sequence[torch.Tensor], samples: torch.Tensor, clamp: dict[str, Any],
-    stores: tuple[Stores, Stores], max_sequences: int, advance: Callable[[int], None],
+    stores: tuple[Stores, Stores], max_sequences: int, advance: Callable[[int], None], caches: list[list[Any]] | None = None,
 ) -> tuple[TokenFidelity, torch.Tensor]:
     """Per-token fidelity and fold error over all sequences, and O's prediction per sample.
 
@@ -158,11 +182,19 @@ def stream_fidelity(
             x = [t[i : i + step] for t in inputs]
             s = samples[i : i + step]
             flat = s.reshape(-1).nonzero().squeeze(1)  # the pass's samples, row-major
-            ho, vo = o.hidden(x, capture=list(stores[0].wanted))
+            if caches is not None:  # the clean KV caches, for token swaps (one token each)
+                ho, vo, kv = o.hidden_and_cache(x, list(stores[0].wanted))
+                caches[0].append(kv)
+            else:
+                ho, vo = o.hidden(x, capture=list(stores[0].wanted))
             stores[0].take(vo, first, flat)
             del vo
             hc, _ = o.hidden(x, edits=clamp)
-            hr, vr = r.hidden(x, capture=list(stores[1].wanted))
+            if caches is not None:
+                hr, vr, kv = r.hidden_and_cache(x, list(stores[1].wanted))
+                caches[1].append(kv)
+            else:
+                hr, vr = r.hidden(x, capture=list(stores[1].wanted))
             stores[1].take(vr, first, flat)
             del vr
             ho, hc, hr = (h.reshape(-1, h.shape[-1]).index_select(0, flat) for h in (ho, hc, hr))

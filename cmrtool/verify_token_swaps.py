@@ -14,9 +14,11 @@ sequences; the source uniform over the other sequences' samples at that position
 per-sample verify. All streams depend only on (seed, run label[, site]), and tokens are numbered
 in (sequence, position) order over samples only, so padding does not change them.
 
-Runs are batched: one row per swap, the base sequence cut after position t for a causal LM (its
-prediction at t does not read later positions), the edit a boolean mask that is set at (row, t)
-only. Source values come from the clean passes of the fidelity stream
+Runs are batched, one row per swap. A causal LM's prediction at t reads positions ≤ t only, and
+the positions before t are those of the clean run, so a swap runs the one token at t through the
+model on the clean KV cache of its sequence (kept from the fidelity passes), attending to the
+first t positions: the same value as a run of the sequence cut after t, for one token's work. An
+encoder re-runs the base sequence. The edit is a boolean mask set at the swapped position only. Source values come from the clean passes of the fidelity stream
 (:class:`cmrtool.verify_lm.Stores`: only the drawn sources, O's retained units only).
 """
 
@@ -88,7 +90,7 @@ def _edit(model: Any, name: str, keep: torch.Tensor, cols: torch.Tensor | None, 
 def _run_group(
     o: TokenModel, r: TokenModel, plan: Any, names: list[str], label: str, inputs: Sequence[torch.Tensor], seq: torch.Tensor,
     pos: torch.Tensor, base: torch.Tensor, source: torch.Tensor, masks: dict[str, torch.Tensor], stores: tuple[Stores, Stores],
-    cols: dict[str, torch.Tensor | None], base_pred: torch.Tensor, advance: Callable[[int], None],
+    cols: dict[str, torch.Tensor | None], base_pred: torch.Tensor, advance: Callable[[int], None], kv: list[list[tuple[torch.Tensor, torch.Tensor]]] | None,
 ) -> Any:
     from cmrtool.verify import summarize_swaps
 
@@ -97,7 +99,10 @@ def _run_group(
     t_all = pos[base]
     order = torch.argsort(t_all, stable=True) if o.causal else torch.arange(swaps)  # similar cut lengths together
     channels = sum(o.model.site(s).channels for s in names)
-    per_swap = length * (channels * 6 + 4 * int(getattr(o.model.hf_config, "hidden_size", 1024))) * 4
+    if kv is not None:  # one token per swap; the cache rows of its sequence, both levels
+        per_swap = sum(k[:1].numel() * k.element_size() * 2 for level in kv for k, _ in level) + channels * 16
+    else:
+        per_swap = length * (channels * 6 + 4 * int(getattr(o.model.hf_config, "hidden_size", 1024))) * 4
     step = max(1, _SWAP_BYTES // max(per_swap, 1))
     parts: list[dict[str, np.ndarray]] = []
     changed: list[np.ndarray] = []
@@ -106,12 +111,20 @@ def _run_group(
         for i in range(0, swaps, step):
             idx = order[i : i + step]
             b, s, t = base[idx], source[idx], t_all[idx]
-            cut = int(t.max()) + 1 if o.causal else length
-            x = [v.index_select(0, seq[b])[:, :cut] for v in inputs]
+            rows = seq[b]
             z = []
             for level, (tm, store) in enumerate(((o, stores[0]), (r, stores[1]))):
-                edits = {n: _edit(tm.model, n, masks[n][idx], cols[n] if level == 0 else None, store.get(n, s), t, cut) for n in names}
-                h, _ = tm.hidden(x, edits=edits)
+                def edit(n: str, at: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    return _edit(tm.model, n, masks[n][idx], cols[n] if level == 0 else None, store.get(n, s), at, span)
+
+                if kv is not None:  # the swapped token alone, on its sequence's clean cache
+                    cache = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv[level]]
+                    one = torch.zeros_like(t)
+                    z.append(tm.step(inputs[0][rows, t], t, cache, {n: edit(n, one, 1) for n in names}))
+                    continue
+                cut = int(t.max()) + 1 if o.causal else length
+                x = [v.index_select(0, rows)[:, :cut] for v in inputs]
+                h, _ = tm.hidden(x, edits={n: edit(n, t, cut) for n in names})
                 z.append(h[torch.arange(b.numel()), t])
             for c in range(0, b.numel(), chunk):
                 zl, zh = o.logits(z[0][c : c + chunk]), r.logits(z[1][c : c + chunk])
@@ -160,12 +173,14 @@ def verify_token_model(
         Stores({s: torch.unique(torch.cat(v)) for s, v in wanted[0].items()}, cols),
         Stores({s: torch.unique(torch.cat(v)) for s, v in wanted[1].items()}, {s: None for s in wanted[1]}),
     )
+    caches: list[list[Any]] | None = [[], []] if o.causal and draws else None
     with prog("fidelity", data.n, "sequences") as advance:
-        acc, base_pred = stream_fidelity(o, r, inputs, samples, clamp_for(inputs), stores, batch_size, advance)
+        acc, base_pred = stream_fidelity(o, r, inputs, samples, clamp_for(inputs), stores, batch_size, advance, caches)
+    kv = None if caches is None else [[(torch.cat([p[i][0] for p in level]), torch.cat([p[i][1] for p in level])) for i in range(len(level[0]))] for level in caches]
     results = []
     with prog("interchange", swaps * len(draws), "swaps") as advance:
         for names, label, base, source, masks in draws:
-            results.append(_run_group(o, r, plan, names, label, inputs, seq, pos, base, source, masks, stores, cols, base_pred, advance))
+            results.append(_run_group(o, r, plan, names, label, inputs, seq, pos, base, source, masks, stores, cols, base_pred, advance, kv))
     notes = []
     if batch.labels is not None:
         notes.append("per-sequence labels are not used for a token model (a causal LM's labels are its next tokens)")

@@ -152,11 +152,13 @@ class ModuleModel:
         capture: Sequence[str] = (),
         edits: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         submodule: str | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        extra: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
         """Run a batch, capturing site values and replacing them by ``where(mask, fill, value)``.
 
         ``submodule`` runs only that child (e.g. a language model's base ``model``, whose output
-        is the final hidden states), the inputs passed by name.
+        is the final hidden states), the inputs passed by name with the keyword arguments
+        ``extra`` (e.g. a KV cache); it then returns the child's whole output.
 
         Returns:
             ``(logits, {site: value})``; a captured value is taken after its edit.
@@ -175,11 +177,12 @@ class ModuleModel:
             else:
                 sub = self.module.get_submodule(submodule)
                 accepted = inspect.signature(sub.forward).parameters
-                out = sub(**dict(zip(self.arg_names, inputs)), **{k: v for k, v in self.call_kwargs.items() if k in accepted})
+                kwargs = {**{k: v for k, v in self.call_kwargs.items() if k in accepted}, **dict(extra or {})}
+                out = sub(**dict(zip(self.arg_names, inputs)), **kwargs)
         finally:
             for h in handles:
                 h.remove()
-        return output_tensor(out), values
+        return (output_tensor(out) if submodule is None else out), values
 
     def site_order(self, names: Sequence[str]) -> list[str]:
         """``names`` in forward order (the order their consumers are registered in)."""
