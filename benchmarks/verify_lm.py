@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--gen-repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check-samples", type=int, default=8, help="compile's fold-check samples")
+    ap.add_argument("--reduced", help="a reduction of --model that cmrtool compile wrote (skips compiling)")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: rss, time, generation")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cmrtool-verify-lm-"))
     try:
@@ -153,48 +155,63 @@ def main() -> None:
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         write_tokens(tmp / "calib.safetensors", args.calib_sequences, args.length, vocab, 1)
         write_tokens(tmp / "eval.safetensors", args.sequences, args.length, vocab, 2)
-        red = tmp / "reduced"
+        skip = set(filter(None, args.skip.split(",")))
+        red = Path(args.reduced) if args.reduced else tmp / "reduced"
         t0 = time.perf_counter()
-        c = cli("compile", str(model), "--calib", str(tmp / "calib.safetensors"), "--kind", "neuron", "--keep", str(args.keep),
+        c = subprocess.CompletedProcess([], 0) if args.reduced else cli("compile", str(model), "--calib", str(tmp / "calib.safetensors"), "--kind", "neuron", "--keep", str(args.keep),
                 "--check-samples", str(args.check_samples), "-o", f"{red}/", threads=args.threads)
         if c.returncode:
             raise SystemExit(f"compile failed:\n{c.stderr}")
-        print(f"compile: {time.perf_counter() - t0:.0f} s")
+        if not args.reduced:
+            print(f"compile: {time.perf_counter() - t0:.0f} s")
         print(f"torch {torch.__version__}, {args.threads} thread(s), {args.sequences} × {args.length} eval tokens, FFN keep {args.keep}, swaps {args.swaps}")
 
-        rss, wall, report = peak_rss(["verify", str(model), str(red), "--data", str(tmp / "eval.safetensors"), "--swaps", str(args.swaps)], args.threads)
-        t = report["tokens"]
-        print(f"verify (CLI, cold): {wall:.1f} s, peak RSS {rss / 2**30:.2f} GiB; {report['samples']} tokens, fold error {report['fold_error']:.3g}, "
-              f"same top p {t['same_top_p']:.4f}, mean KLD {t['mean_kld']:.4g}, 99% KLD {t['kld_99']:.4g}, max KLD {t['maximum_kld']:.4g}, "
-              f"PPL(Q)/PPL(base) {t['ppl_ratio']:.4f}, all-sites IIA {report['all_sites']['iia']:.3f}")
-
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        out = subprocess.run([sys.executable, "-c", _TIMING_CHILD, str(model), str(red), str(tmp / "eval.safetensors"), str(args.swaps),
-                              str(args.batch), str(args.pairs), str(args.threads), str(int(args.warmup))], capture_output=True, text=True, cwd=ROOT, env=env)
-        if out.returncode:
-            raise SystemExit(f"timing failed:\n{out.stderr}")
-        timing = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"verify {timing['verify_s']:.1f} s vs plain O + R forwards {timing['plain_s']:.1f} s: ratio {timing['ratio']:.2f} "
-              f"(median of {args.pairs} alternated pairs: {', '.join(f'{x:.2f}' for x in timing['ratios'])})")
-
-        from cmrtool import api
-
-        api.configure(args.threads)
-        b = api.bench([str(model), str(red)], input_shapes=[f"1,{args.length}"], batch=args.gen_batch, device="auto", dtype="bf16",
-                      warmup=1, repeats=args.gen_repeats, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
-        print(f"generation ({b.device}, {b.dtype}; {args.prompt_tokens}-token prompts, {args.decode_tokens} greedy steps, "
-              f"{args.gen_repeats} alternated rounds); MAC ratio {b.mac_ratio:.2f}")
-        print("| batch | prefill tok/s O | prefill tok/s R | prefill speedup | decode tok/s O | decode tok/s R | decode speedup | MAC ratio |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        gen = b.generation
-        for i in range(0, len(gen), 2):
-            o_, r_ = gen[i], gen[i + 1]
-            print(f"| {o_.batch} | {o_.prefill_tokens_per_s:.0f} | {r_.prefill_tokens_per_s:.0f} | {r_.prefill_speedup:.2f} | "
-                  f"{o_.decode_tokens_per_s:.1f} | {r_.decode_tokens_per_s:.1f} | {r_.decode_speedup:.2f} | {b.mac_ratio:.2f} |")
-        for n in b.notes:
-            print(f"note: {n}")
+        if "rss" not in skip:
+            report_rss(model, red, tmp, args)
+        if "time" not in skip:
+            report_time(model, red, tmp, args)
+        if "generation" not in skip:
+            report_generation(model, red, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report_rss(model: Path, red: Path, tmp: Path, args: argparse.Namespace) -> None:
+    rss, wall, report = peak_rss(["verify", str(model), str(red), "--data", str(tmp / "eval.safetensors"), "--swaps", str(args.swaps)], args.threads)
+    t = report["tokens"]
+    print(f"verify (CLI, cold): {wall:.1f} s, peak RSS {rss / 2**30:.2f} GiB; {report['samples']} tokens, fold error {report['fold_error']:.3g}, "
+          f"same top p {t['same_top_p']:.4f}, mean KLD {t['mean_kld']:.4g}, 99% KLD {t['kld_99']:.4g}, max KLD {t['maximum_kld']:.4g}, "
+          f"PPL(Q)/PPL(base) {t['ppl_ratio']:.4f}, all-sites IIA {report['all_sites']['iia']:.3f}")
+
+
+def report_time(model: Path, red: Path, tmp: Path, args: argparse.Namespace) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run([sys.executable, "-c", _TIMING_CHILD, str(model), str(red), str(tmp / "eval.safetensors"), str(args.swaps),
+                          str(args.batch), str(args.pairs), str(args.threads), str(int(args.warmup))], capture_output=True, text=True, cwd=ROOT, env=env)
+    if out.returncode:
+        raise SystemExit(f"timing failed:\n{out.stderr}")
+    timing = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"verify {timing['verify_s']:.1f} s vs plain O + R forwards {timing['plain_s']:.1f} s: ratio {timing['ratio']:.2f} "
+          f"(median of {args.pairs} alternated pairs: {', '.join(f'{x:.2f}' for x in timing['ratios'])})")
+
+
+def report_generation(model: Path, red: Path, args: argparse.Namespace) -> None:
+    from cmrtool import api
+
+    api.configure(args.threads)
+    b = api.bench([str(model), str(red)], input_shapes=[f"1,{args.length}"], batch=args.gen_batch, device="auto", dtype="bf16",
+                  warmup=1, repeats=args.gen_repeats, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
+    print(f"generation ({b.device}, {b.dtype}; {args.prompt_tokens}-token prompts, {args.decode_tokens} greedy steps, "
+          f"{args.gen_repeats} alternated rounds); MAC ratio {b.mac_ratio:.2f}")
+    print("| batch | prefill tok/s O | prefill tok/s R | prefill speedup | decode tok/s O | decode tok/s R | decode speedup | MAC ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    gen = b.generation
+    for i in range(0, len(gen), 2):
+        o_, r_ = gen[i], gen[i + 1]
+        print(f"| {o_.batch} | {o_.prefill_tokens_per_s:.0f} | {r_.prefill_tokens_per_s:.0f} | {r_.prefill_speedup:.2f} | "
+              f"{o_.decode_tokens_per_s:.1f} | {r_.decode_tokens_per_s:.1f} | {r_.decode_speedup:.2f} | {b.mac_ratio:.2f} |")
+    for n in b.notes:
+        print(f"note: {n}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ Given the original O, the reduced R (whose plan travels inside it) and held-out 
    time, then all sites at once (later sites then take ``m⊙a(x_s)`` and keep whatever the
    intervened run computes elsewhere).
 
+Token models (Hugging Face LMs and encoders: per-token logits) take their own path, with every
+figure a per-token mean in bounded memory: :mod:`cmrtool.verify_lm` (base + head in chunks),
+:mod:`cmrtool.verify_tokens` (streaming figures), :mod:`cmrtool.verify_token_swaps` (swaps
+between tokens).
+
 Site activations of every base and source are computed once, by the same passes that measure
 the fold error; each swap then re-runs only the network after the site
 (:class:`cmrtool.backends.torchscript.Downstream`; an nn.Module re-runs the whole forward with
