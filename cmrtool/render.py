@@ -93,9 +93,17 @@ def verify_table(report: Any, console: Console) -> None:
     console.print(
         f"fold error {fmt_float(d['fold_error'])} (relative {fmt_float(d['fold_error_relative'])}) · agreement {d['agreement']:.2%}"
         f" · KL {fmt_float(d['kl'])} · |Δlogit| mean {fmt_float(d['dlogit_mean'])} max {fmt_float(d['dlogit_max'])}{acc}"
-        f" · {d['samples']} samples",
+        f" · {d['samples']} {'tokens' if d.get('unit') == 'token' else 'samples'}",
         markup=False,
     )
+    tok = d.get("tokens")
+    if tok is not None:  # token models: the llama.cpp --kl-divergence set
+        ppl = "" if tok["ppl_base"] is None else (
+            f" · PPL {fmt_float(tok['ppl_base'])} → {fmt_float(tok['ppl_q'])} (ratio {tok['ppl_ratio']:.4f})")
+        console.print(
+            f"per token: KL median {fmt_float(tok['median_kld'])} · 99% {fmt_float(tok['kld_99'])} · max {fmt_float(tok['maximum_kld'])}{ppl}",
+            markup=False,
+        )
     t = Table(
         show_edge=False, header_style="bold",
         title=f"interchange, {d['settings']['swaps']} swaps per row, p = {d['settings']['p']}; changed = swaps that changed "
