@@ -252,3 +252,12 @@ def test_bench_prefill_and_decode(lm, cli):
     off = cli("bench", root / "llama", "--input-shape", "1,9", "--device", "cpu", "--dtype", "fp32", "--warmup", "0", "--repeats", "1",
               "--decode-tokens", "0", "--threads", "1")
     assert off.code == 0 and off.json()["generation"] is None
+
+
+def test_verify_cli_on_a_language_model(lm, cli):
+    root, _, _ = lm
+    args = ("verify", root / "llama", root / "r.safetensors", "--data", root / "data.safetensors", "--swaps", "10")
+    table = cli(*args, "--no-json")
+    assert table.code == 0 and "84 tokens" in table.out and "per token: KL median" in table.out and "PPL" in table.out
+    strict = cli(*args, "--min-iia", "1.01")
+    assert strict.code == 3 and "error:" in strict.err and strict.json()["unit"] == "token"
