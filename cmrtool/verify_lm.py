@@ -182,21 +182,9 @@ def stream_fidelity(
             x = [t[i : i + step] for t in inputs]
             s = samples[i : i + step]
             flat = s.reshape(-1).nonzero().squeeze(1)  # the pass's samples, row-major
-            if caches is not None:  # the clean KV caches, for token swaps (one token each)
-                ho, vo, kv = o.hidden_and_cache(x, list(stores[0].wanted))
-                caches[0].append(kv)
-            else:
-                ho, vo = o.hidden(x, capture=list(stores[0].wanted))
-            stores[0].take(vo, first, flat)
-            del vo
+            ho = _clean(o, x, stores[0], first, flat, None if caches is None else caches[0])
             hc, _ = o.hidden(x, edits=clamp)
-            if caches is not None:
-                hr, vr, kv = r.hidden_and_cache(x, list(stores[1].wanted))
-                caches[1].append(kv)
-            else:
-                hr, vr = r.hidden(x, capture=list(stores[1].wanted))
-            stores[1].take(vr, first, flat)
-            del vr
+            hr = _clean(r, x, stores[1], first, flat, None if caches is None else caches[1])
             ho, hc, hr = (h.reshape(-1, h.shape[-1]).index_select(0, flat) for h in (ho, hc, hr))
             target = None
             if o.causal:  # position t predicts token t + 1
@@ -209,6 +197,18 @@ def stream_fidelity(
             first += flat.numel()
             advance(x[0].shape[0])
     return acc, torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+
+
+def _clean(tm: TokenModel, x: Sequence[torch.Tensor], store: Stores, first: int, flat: torch.Tensor, caches: list[Any] | None) -> torch.Tensor:
+    """Hidden states of a clean pass; the wanted site values go to ``store`` and, for token
+    swaps on a causal LM, the KV cache to ``caches``."""
+    if caches is not None:
+        h, values, kv = tm.hidden_and_cache(x, list(store.wanted))
+        caches.append(kv)
+    else:
+        h, values = tm.hidden(x, capture=list(store.wanted))
+    store.take(values, first, flat)
+    return h
 
 
 def chunk_for(model: TokenModel) -> int:
