@@ -520,8 +520,13 @@ def bench(
     progress: ProgressFactory | None = None,
     warn: Callable[[str], None] | None = None,
     arch: str | None = None,
+    prompt_tokens: int = 128,
+    decode_tokens: int = 32,
 ) -> Any:
     """Parameters, MACs and measured speed of models, each compared with the first (:class:`cmrtool.bench.BenchReport`).
+
+    Hugging Face causal LMs also get prefill and decode tokens/s at batch 1 and ``batch``
+    (prompts of ``prompt_tokens``, ``decode_tokens`` greedy steps; 0 skips them).
 
     The benchmark batch is the first ``batch`` samples of ``data``, else random tensors of
     ``input_shapes`` (strings like ``"1,1,8,8"`` or lists; the batch dimension becomes ``batch``),
@@ -530,7 +535,8 @@ def bench(
     """
     from cmrtool.bench import BenchSettings, bench_models
 
-    settings = BenchSettings(batch=batch, device=device, dtype=dtype, warmup=warmup, repeats=repeats)
+    settings = BenchSettings(batch=batch, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
+                             prompt_tokens=prompt_tokens, decode_tokens=decode_tokens)
     _single_stdin(*paths, data)
     shapes = [_parse_shape(s) if isinstance(s, str) else list(s) for s in input_shapes] if input_shapes else None
     return bench_models(paths, settings, data, shapes, progress or _no_progress, warn, arch)

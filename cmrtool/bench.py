@@ -9,6 +9,8 @@ layers), then latency and throughput on one input batch with the alternating pro
 - ``mac_ratio`` = ``MACs_first / MACs_model`` (the MAC-ideal speedup);
 - ``speedup_realized`` = ``speedup / mac_ratio``: the share of the ideal that the hardware delivers.
 
+Hugging Face causal LMs also get prefill and decode tokens/s (:mod:`cmrtool.bench_lm`).
+
 Precision and device (fp16 on CUDA; fp32 on a CPU without native fp16, said so) are chosen in
 :mod:`cmrtool.precision`; what runs (torch for TorchScript, onnxruntime for ``.onnx``) and on
 which batch in :mod:`cmrtool.runners`.
@@ -48,9 +50,12 @@ class BenchSettings:
     dtype: str = "fp16"
     warmup: int = 5
     repeats: int = 30
+    prompt_tokens: int = 128  # causal LMs: prompt length of the prefill/decode timing
+    decode_tokens: int = 32  # causal LMs: greedy decode steps timed (0: no generation timing)
 
     def __post_init__(self) -> None:
-        for name, value, least in (("batch", self.batch, 1), ("repeats", self.repeats, 1), ("warmup", self.warmup, 0)):
+        for name, value, least in (("batch", self.batch, 1), ("repeats", self.repeats, 1), ("warmup", self.warmup, 0),
+                                   ("prompt-tokens", self.prompt_tokens, 1), ("decode-tokens", self.decode_tokens, 0)):
             if value < least:
                 raise UsageError(f"--{name} must be at least {least}, got {value}", f"e.g. --{name} {max(least, 5)}")
         dtype_name(self.dtype)  # unknown names fail here, before any model is loaded
@@ -136,6 +141,9 @@ class BenchReport:
     models: tuple[ModelResult, ...]
     notes: tuple[str, ...] = field(default=())
     load_average: tuple[float, ...] = field(default=())
+    generation: tuple[Any, ...] = field(default=())  # cmrtool.bench_lm.GenerationResult, causal LMs only
+    prompt_tokens: int = 0
+    decode_tokens: int = 0
 
     @property
     def speedup(self) -> float | None:
@@ -165,6 +173,11 @@ class BenchReport:
             "mac_ratio": self.mac_ratio,
             "load_average": list(self.load_average),
             "notes": list(self.notes),
+            "generation": None if not self.generation else {
+                "prompt_tokens": self.prompt_tokens,
+                "decode_tokens": self.decode_tokens,
+                "results": [g.to_json() for g in self.generation],
+            },
         }
 
 
@@ -262,6 +275,8 @@ def bench_models(
     with (progress or _no_progress)(desc, total) as advance:
         times = time_alternating(runners, warmup, repeats, target.sync, lambda n: advance(n * batch))
 
+    generation = _generation(loaded, settings, target, progress)
+
     results = []
     for i, e in enumerate(loaded):
         count = counts[i]
@@ -300,7 +315,24 @@ def bench_models(
         models=tuple(results),
         notes=tuple(notes),
         load_average=tuple(load),
+        generation=tuple(generation),
+        prompt_tokens=settings.prompt_tokens if generation else 0,
+        decode_tokens=settings.decode_tokens if generation else 0,
     )
+
+
+def _generation(loaded: Sequence[BenchModel], settings: BenchSettings, target: Target, progress: ProgressFactory | None) -> list[Any]:
+    """Prefill/decode tokens/s at batch 1 and ``settings.batch`` when every model is a causal LM."""
+    from cmrtool.bench_lm import bench_generation, is_causal_lm
+
+    if not settings.decode_tokens or not all(e.model is not None and is_causal_lm(e.model) for e in loaded):
+        return []
+    batches = sorted({1, settings.batch})
+    vocab = int(loaded[0].model.hf_config.vocab_size)
+    total = (settings.warmup + settings.repeats) * len(loaded) * len(batches)
+    with (progress or _no_progress)(f"generation ({target.device}, {target.dtype_name})", total) as advance:
+        return bench_generation([(e.path, e.model) for e in loaded], target, batches, settings.prompt_tokens, settings.decode_tokens,
+                                settings.warmup, settings.repeats, vocab, advance)
 
 
 def _no_progress(description: str, total: int) -> Any:

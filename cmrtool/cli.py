@@ -294,6 +294,7 @@ def verify(
         "cmrtool bench model.pt reduced.pt --input-shape 1,1,8,8 --batch 256 --device cuda --dtype fp16",
         "cmrtool bench model.pt reduced.pt reduced.onnx --repeats 100 --json > bench.json",
         "cmrtool bench model.safetensors reduced.safetensors --arch mypkg.models:build_model --data calib.safetensors",
+        "cmrtool bench ./llama ./llama-ffn/ --data eval.safetensors --batch 8 --prompt-tokens 128 --decode-tokens 32 --repeats 5",
     )
 )
 def bench(
@@ -305,6 +306,8 @@ def bench(
     dtype: Annotated[str, typer.Option("--dtype", help="fp16, bf16 or fp32. On a CPU without native fp16, fp16 falls back to fp32 and the report says so.")] = "fp16",
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed rounds before timing.")] = 5,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed rounds; each runs every model once, alternating.")] = 30,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Causal LMs (Hugging Face directories): prompt length of the prefill timing, e.g. --prompt-tokens 512.")] = 128,
+    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Causal LMs: greedy decode steps timed with the KV cache, at batch 1 and --batch (0 skips prefill/decode timing), e.g. --decode-tokens 64.")] = 32,
     arch: ArchOpt = None,
     json_mode: JsonOpt = None,
     threads: ThreadsOpt = None,
@@ -318,6 +321,7 @@ def bench(
     report = api.bench(
         models, data=data, input_shapes=input_shape, batch=batch, device=device, dtype=dtype,
         warmup=warmup, repeats=repeats, progress=out.progress, warn=out.warn, arch=arch,
+        prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
     )
     out.result(report.to_json(), lambda c: render.bench_table(report, c))
 

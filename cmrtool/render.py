@@ -94,9 +94,17 @@ def verify_table(report: Any, console: Console) -> None:
     console.print(
         f"fold error {fmt_float(d['fold_error'])} (relative {fmt_float(d['fold_error_relative'])}) · agreement {d['agreement']:.2%}"
         f" · KL {fmt_float(d['kl'])} · |Δlogit| mean {fmt_float(d['dlogit_mean'])} max {fmt_float(d['dlogit_max'])}{acc}"
-        f" · {d['samples']} samples",
+        f" · {d['samples']} {'tokens' if d.get('unit') == 'token' else 'samples'}",
         markup=False,
     )
+    tok = d.get("tokens")
+    if tok is not None:  # token models: the llama.cpp --kl-divergence set
+        ppl = "" if tok["ppl_base"] is None else (
+            f" · PPL {fmt_float(tok['ppl_base'])} → {fmt_float(tok['ppl_q'])} (ratio {tok['ppl_ratio']:.4f})")
+        console.print(
+            f"per token: KL median {fmt_float(tok['median_kld'])} · 99% {fmt_float(tok['kld_99'])} · max {fmt_float(tok['maximum_kld'])}{ppl}",
+            markup=False,
+        )
     t = Table(
         show_edge=False, header_style="bold",
         title=f"interchange, {d['settings']['swaps']} swaps per row, p = {d['settings']['p']}; changed = swaps that changed "
@@ -158,6 +166,16 @@ def bench_table(report: Any, console: Console) -> None:
         )
     console.print(fit(size, console))
     console.print(fit(speed, console))
+    if report.generation:
+        gen = Table(show_edge=False, header_style="bold", title=f"generation: {report.prompt_tokens}-token prompts, {report.decode_tokens} greedy steps")
+        for col in ("model", "batch", "prefill tok/s", "speedup", "decode tok/s", "speedup"):
+            gen.add_column(col, justify="left" if col == "model" else "right")
+        for g in report.generation:
+            gen.add_row(
+                escape(g.path), str(g.batch), fmt_int(round(g.prefill_tokens_per_s)), _fmt_ratio(g.prefill_speedup),
+                fmt_int(round(g.decode_tokens_per_s)), _fmt_ratio(g.decode_speedup),
+            )
+        console.print(fit(gen, console))
     with_sites = [(i, m) for i, m in enumerate(report.models, 1) if m.sites]
     if with_sites:
         names = list(dict.fromkeys(s.name for _, m in with_sites for s in m.sites))

@@ -8,7 +8,8 @@ compiled from those scores (:func:`cmrtool.api.compile`), verified on held-out d
 
 - size: parameters and MACs, and their ratios to the original (``macs_ratio`` = MACs kept);
 - plain fidelity: accuracy (when the data has labels), top-1 agreement, ``fidelity_kl`` =
-  mean KL(softmax O ‖ softmax R);
+  mean KL(softmax O ‖ softmax R); for token models (``unit`` = ``token``) these are per-token
+  means (:mod:`cmrtool.verify_tokens`), with ``fidelity_kl_p99`` and ``perplexity_ratio`` too;
 - interchange (DESIGN §3.5): ``iia`` and ``kl`` = KL(z_L ‖ z_H) of the all-sites entry when
   several sites are reduced, else of the one site (``iia_of`` names it); per-site figures under
   ``sites``.
@@ -92,6 +93,9 @@ class SweepRow:
     sites: tuple[dict[str, Any], ...]
     seconds: dict[str, float]
     model: str | None = None
+    unit: str = "sample"  # "token" for token models: every figure is then a per-token mean
+    fidelity_kl_p99: float | None = None
+    perplexity_ratio: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -114,6 +118,9 @@ class SweepRow:
             "sites": [dict(s) for s in self.sites],
             "seconds": dict(self.seconds),
             "model": self.model,
+            "unit": self.unit,
+            "fidelity_kl_p99": self.fidelity_kl_p99,
+            "perplexity_ratio": self.perplexity_ratio,
         }
 
 
@@ -159,6 +166,7 @@ def _row(keep: float, criterion: str, compiled: Any, checked: Any, macs: int | N
         accuracy=v["accuracy_reduced"], agreement=v["agreement"], fidelity_kl=v["kl"],
         iia=entry["iia"], iia_ci=tuple(entry["iia_ci"]), kl=entry["kl"], kl_reverse=entry["kl_reverse"], d2=entry["d2"],
         iia_of=entry["name"], fold_error=v["fold_error"], sites=sites, seconds=seconds, model=kept_model,
+        unit=v["unit"], fidelity_kl_p99=v["kl_p99"], perplexity_ratio=v["perplexity_ratio"],
     )
 
 

@@ -19,6 +19,11 @@ Given the original O, the reduced R (whose plan travels inside it) and held-out 
    time, then all sites at once (later sites then take ``m⊙a(x_s)`` and keep whatever the
    intervened run computes elsewhere).
 
+Token models (Hugging Face LMs and encoders: per-token logits) take their own path, with every
+figure a per-token mean in bounded memory: :mod:`cmrtool.verify_lm` (base + head in chunks),
+:mod:`cmrtool.verify_tokens` (streaming figures), :mod:`cmrtool.verify_token_swaps` (swaps
+between tokens).
+
 Site activations of every base and source are computed once, by the same passes that measure
 the fold error; each swap then re-runs only the network after the site
 (:class:`cmrtool.backends.torchscript.Downstream`; an nn.Module re-runs the whole forward with
@@ -170,6 +175,8 @@ class VerifyReport:
     settings: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    unit: str = "sample"  # what a sample is: "sample" (a row of the data) or "token"
+    tokens: Any = None  # per-token figures of a token model (cmrtool.verify_tokens.TokenFigures)
 
     @property
     def passed(self) -> bool:
@@ -196,6 +203,13 @@ class VerifyReport:
             "settings": self.settings,
             "inputs": self.inputs,
             "notes": list(self.notes),
+            "unit": self.unit,
+            "kl_p99": None if self.tokens is None else self.tokens.kl_p99,
+            "kl_max": None if self.tokens is None else self.tokens.kl_max,
+            "perplexity_original": None if self.tokens is None else self.tokens.ppl_base,
+            "perplexity_reduced": None if self.tokens is None else self.tokens.ppl_q,
+            "perplexity_ratio": None if self.tokens is None else self.tokens.ppl_ratio,
+            "tokens": None if self.tokens is None else self.tokens.to_json(),
         }
 
 
@@ -524,28 +538,37 @@ def _site_results(runs: Sequence[_Swaps]) -> list[SiteResult]:
     for r in runs:
         part = slice(start, start + r.zl.numel() // r.zl.shape[-1])  # predictions compared (= swaps for per-sample logits)
         start = part.stop
-        n = part.stop - part.start
-        k = int(agree[part].sum())
-        d2, dinf2 = float(sq[part].mean()), float(inf2[part].mean())
-        cert, eps = margin_certificate(margins[part], d2)
-        nc = int(changed[part].sum())
-        out.append(SiteResult(
-            name=r.name,
-            swaps=r.zl.shape[0],
-            retained=r.retained,
-            iia=k / n,
-            iia_ci=wilson(k, n),
-            kl=float(kl[part].mean()),
-            kl_reverse=float(kl_reverse[part].mean()),
-            d2=d2,
-            certificate=cert,
-            certificate_epsilon=eps,
-            dinf2=dinf2,
-            certificate_linf=margin_certificate(margins[part], dinf2)[0],
-            changed=nc,
-            iia_changed=float(agree[part][changed[part]].mean()) if nc else None,
-        ))
+        figures = {"agree": agree[part], "sq": sq[part], "inf2": inf2[part], "kl": kl[part], "kl_reverse": kl_reverse[part], "margin": margins[part]}
+        out.append(summarize_swaps(r.name, r.zl.shape[0], r.retained, figures, changed[part]))
     return out
+
+
+def summarize_swaps(name: str, swaps: int, retained: int, figures: dict[str, np.ndarray], changed: np.ndarray) -> SiteResult:
+    """A :class:`SiteResult` from per-swap figures (``agree``, ``sq``, ``inf2``, ``kl``,
+    ``kl_reverse``, ``margin``: one entry per compared prediction) and whether each swap changed
+    O's prediction."""
+    agree = np.asarray(figures["agree"], dtype=bool)
+    n = agree.size
+    k = int(agree.sum())
+    d2, dinf2 = float(np.mean(figures["sq"])), float(np.mean(figures["inf2"]))
+    cert, eps = margin_certificate(figures["margin"], d2)
+    nc = int(changed.sum())
+    return SiteResult(
+        name=name,
+        swaps=swaps,
+        retained=retained,
+        iia=k / n,
+        iia_ci=wilson(k, n),
+        kl=float(np.mean(figures["kl"])),
+        kl_reverse=float(np.mean(figures["kl_reverse"])),
+        d2=d2,
+        certificate=cert,
+        certificate_epsilon=eps,
+        dinf2=dinf2,
+        certificate_linf=margin_certificate(figures["margin"], dinf2)[0],
+        changed=nc,
+        iia_changed=float(agree[changed].mean()) if nc else None,
+    )
 
 
 def _run_swaps(
@@ -670,6 +693,7 @@ def verify(
             raise UsageError(f"site {unknown[0]} is not in the reduced model's plan", f"planned sites: {', '.join(planned)}")
     chosen = original.site_order([s for s in planned if not sites or s in set(sites)])
     chosen, routed = _per_sample_sites(original, chosen)
+    routed_notes = [f"{len(routed)} expert site(s) are clamped in the fidelity checks but not interchanged: their values exist for routed tokens only"] if routed else []
     if swaps < 1 or not (0.0 <= p <= 1.0):
         raise UsageError(f"need --swaps ≥ 1 and --p in [0, 1], got {swaps} and {p}", "e.g. --swaps 2000 --p 0.5")
     if batch_size < 1:
@@ -679,6 +703,25 @@ def verify(
     def prog(desc: str, total: int, unit: str = "samples") -> Any:
         return progress(desc, total, unit) if progress is not None else contextlib.nullcontext(lambda k: None)
 
+    settings = {"swaps": swaps, "p": p, "seed": seed, "sites": chosen, "batch_size": batch_size, "criterion": plan.criterion,
+                "min_iia": thresholds.min_iia, "max_kl": thresholds.max_kl, "max_fold_error": thresholds.max_fold_error}
+    from cmrtool.verify_lm import token_models
+
+    pair = token_models(original, reduced, data)
+    if pair is not None:  # per-token figures, bounded memory (cmrtool.verify_lm)
+        from cmrtool.verify_token_swaps import verify_token_model
+
+        def clamp_for(x: list[torch.Tensor]) -> dict[str, Any]:
+            return clamp_edits(original, plan, site_ranks(original, [t[:1] for t in x], planned))
+
+        acc, summaries, token_notes = verify_token_model(*pair, plan, data, groups, swaps, p, seed, batch_size, clamp_for, prog)
+        figures = acc.result()
+        return _report(
+            original, reduced, plan, summaries, len(chosen), thresholds, settings, figures.fold_error, figures.scale,
+            figures.agreement, figures.kl, figures.dlogit_mean, figures.dlogit_max, figures.accuracy_base, figures.accuracy_q,
+            figures.tokens, None, routed_notes + token_notes, figures,
+        )
+
     # 1-2. Fold error and plain fidelity, streaming over the data; the same passes cache the
     # clean site activations and frontiers that the interchange runs start from.
     inputs: list[list[torch.Tensor]] = []
@@ -686,7 +729,7 @@ def verify(
     frontiers: dict[str, list[list[list[torch.Tensor]]]] = {"low": [], "high": []}
     preds: list[torch.Tensor] = []
     fe = scale = kl_sum = dl_sum = dl_max = 0.0
-    agree = n = correct_o = correct_r = 0
+    agree = n = predictions = correct_o = correct_r = 0
     has_labels = False
     ds_low = ds_high = None
     edits = blends = None
@@ -730,6 +773,7 @@ def verify(
                 correct_o += int((po == batch.labels).sum())
                 correct_r += int((pr == batch.labels).sum())
             n += len(batch)
+            predictions += po.numel()  # per position when a model's logits are per token
             advance(len(batch))
             # Later batches as large as the activation budget allows (at least --batch-size):
             # fewer, larger passes; every activation is cached for the interchange runs anyway.
@@ -753,12 +797,22 @@ def verify(
             low, high = cache("low", i, ds_low[i]), cache("high", i, ds_high[i])
             runs.append(_run_swaps(original, reduced, plan, names, low, high, base_pred, label, swaps, p, seed, batch_size, advance))
     summaries = _site_results(runs)
-    results = summaries[: len(chosen)]  # one per site, then all of them (groups' order)
-    all_result = summaries[len(chosen)] if len(summaries) > len(chosen) else None
-
     # 4. ONNX parity.
     onnx_diff = onnx_parity(onnx, reduced, inputs) if onnx else None
+    return _report(
+        original, reduced, plan, summaries, len(chosen), thresholds, settings, fe, scale, agree / predictions, kl_sum / predictions, dl_sum / predictions, dl_max,
+        correct_o / n if has_labels else None, correct_r / n if has_labels else None, n, onnx_diff, routed_notes, None,
+    )
 
+
+def _report(
+    original: Any, reduced: Any, plan: Any, summaries: list[SiteResult], n_sites: int, thresholds: Thresholds, settings: dict[str, Any],
+    fe: float, scale: float, agreement: float, kl: float, dl_mean: float, dl_max: float, acc_o: float | None, acc_r: float | None,
+    samples: int, onnx_diff: float | None, extra_notes: list[str], tokens: Any,
+) -> VerifyReport:
+    """The report: thresholds checked, notes added (``summaries``: one per site, then all sites)."""
+    results = summaries[:n_sites]
+    all_result = summaries[n_sites] if len(summaries) > n_sites else None
     failures: list[str] = []
     checked = results + ([all_result] if all_result is not None else [])
     if thresholds.min_iia is not None:
@@ -767,7 +821,7 @@ def verify(
         failures += [f"KL {r.kl:.4f} > {thresholds.max_kl} at {r.name}" for r in checked if r.kl > thresholds.max_kl]
     if thresholds.max_fold_error is not None and fe > thresholds.max_fold_error:
         failures.append(f"fold error {fe:.3g} > {thresholds.max_fold_error}")
-    notes = [f"{len(routed)} expert site(s) are clamped in the fidelity checks but not interchanged: their values exist for routed tokens only"] if routed else []
+    notes = list(extra_notes)
     if any(original.site(s.name).fold == "interior-exact" for s in plan.sites if s.replaced):
         notes.append("interior-exact sites: the fold error includes the zero-padding border effect")
     if not all(r.certificate_holds for r in checked):
@@ -775,19 +829,20 @@ def verify(
     return VerifyReport(
         fold_error=fe,
         fold_error_relative=fe / max(scale, 1e-30),
-        agreement=agree / n,
-        kl=kl_sum / n,
-        dlogit_mean=dl_sum / n,
+        agreement=agreement,
+        kl=kl,
+        dlogit_mean=dl_mean,
         dlogit_max=dl_max,
-        accuracy_original=correct_o / n if has_labels else None,
-        accuracy_reduced=correct_r / n if has_labels else None,
-        samples=n,
+        accuracy_original=acc_o,
+        accuracy_reduced=acc_r,
+        samples=samples,
         sites=tuple(results),
         all_sites=all_result,
         onnx_max_abs_diff=onnx_diff,
         failures=tuple(failures),
-        settings={"swaps": swaps, "p": p, "seed": seed, "sites": chosen, "batch_size": batch_size, "criterion": plan.criterion,
-                  "min_iia": thresholds.min_iia, "max_kl": thresholds.max_kl, "max_fold_error": thresholds.max_fold_error},
+        settings=settings,
         inputs={"original": original.sha256, "reduced": reduced.sha256},
         notes=tuple(notes),
+        unit="sample" if tokens is None else "token",
+        tokens=tokens,
     )

@@ -166,8 +166,14 @@ class ModuleModel:
         inputs: Sequence[torch.Tensor],
         capture: Sequence[str] = (),
         edits: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        submodule: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
         """Run a batch, capturing site values and replacing them by ``where(mask, fill, value)``.
+
+        ``submodule`` runs only that child (e.g. a language model's base ``model``, whose output
+        is the final hidden states), the inputs passed by name with the keyword arguments
+        ``extra`` (e.g. a KV cache); it then returns the child's whole output.
 
         Returns:
             ``(logits, {site: value})``; a captured value is taken after its edit.
@@ -188,11 +194,17 @@ class ModuleModel:
                         undo.append(self.module.get_submodule(mod).register_forward_pre_hook(hook).remove)
             for mod, hooks in experts.items():
                 undo.append(tap_experts(self.module.get_submodule(mod), hooks))
-            out = self.module(*inputs, **self.call_kwargs)
+            if submodule is None:
+                out = self.module(*inputs, **self.call_kwargs)
+            else:
+                sub = self.module.get_submodule(submodule)
+                accepted = inspect.signature(sub.forward).parameters
+                kwargs = {**{k: v for k, v in self.call_kwargs.items() if k in accepted}, **dict(extra or {})}
+                out = sub(**dict(zip(self.arg_names, inputs)), **kwargs)
         finally:
             for u in undo:
                 u()
-        return output_tensor(out), values
+        return (output_tensor(out) if submodule is None else out), values
 
     def per_sample(self, name: str) -> bool:
         """The site's value has a row per sample (not an expert's, which has one per routed token)."""
