@@ -5,7 +5,9 @@ Usage::
     python benchmarks/llm_quality.py MODEL_DIR --calib calib.safetensors --eval eval.safetensors \\
         [--keep 0.75,0.5,0.25] [--threads 2] [--ridge 1e-3] [--json results.json]
 
-MODEL_DIR is a Hugging Face causal LM directory; the data files hold ``input_ids`` (n, T). At each
+MODEL_DIR is a Hugging Face causal LM directory; the data files hold ``input_ids`` (n, T) and
+optionally ``attention_mask`` (padding is excluded from the perplexity). Modes without ``+seq``
+run with ``--calibration original`` (one-shot statistics). At each
 FFN keep fraction (``--kind neuron``: every gated/plain FFN of every layer, the same fraction),
 one ``cmrtool compile`` child process per mode writes a Hugging Face directory, and its
 perplexity on the eval tokens is measured here, streaming: the trunk's hidden states per batch
@@ -14,7 +16,7 @@ whole set). Wall time and peak RSS are the compile child's (``os.wait4``).
 
 Modes: ``dense`` (no reduction), ``delete`` (``--replacement zero``: units removed, nothing
 folded), ``mean`` (cmrtool's default: the calibration mean folded into a bias), ``affine``
-(ridge refit on all kept units, CMR A.5), ``affine+seq`` (the same with ``--calibration
+(ridge refit on all kept units, CMR A.5), ``mean+seq``, ``affine+seq`` (the same with ``--calibration
 sequential``, when the installed cmrtool has it), ``lsq+affine`` (``--criterion cmr-lsq``),
 ``lsq+affine+seq``, ``affine-nobias`` (intercept-free) and ``lsq+affine-nobias``. The last line checks the issue's
 target: at keep 0.5 the best mode's perplexity increase over dense is at most a quarter of the
@@ -36,6 +38,7 @@ from pathlib import Path
 MODES = {
     "delete": ["--replacement", "zero"],
     "mean": ["--replacement", "mean"],
+    "mean+seq": ["--replacement", "mean", "--calibration", "sequential"],
     "affine": ["--replacement", "affine"],
     "affine+seq": ["--replacement", "affine", "--calibration", "sequential"],
     "lsq+affine": ["--criterion", "cmr-lsq", "--replacement", "affine"],
@@ -77,18 +80,22 @@ def perplexity(model_dir: Path, eval_path: Path, batch: int = 8, chunk_elems: in
     total, count = 0.0, 0
     with safe_open(str(eval_path), framework="pt") as f:
         ids_slice = f.get_slice("input_ids")
+        mask_slice = f.get_slice("attention_mask") if "attention_mask" in f.keys() else None
         n, t = ids_slice.get_shape()
         for i in range(0, n, batch):
             ids = ids_slice[i : i + batch].long()
+            mask = mask_slice[i : i + batch].long() if mask_slice is not None else torch.ones_like(ids)
             with torch.no_grad():
-                h = trunk(input_ids=ids, use_cache=False).last_hidden_state  # (b, T, hidden)
+                h = trunk(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (b, T, hidden)
                 step = max(1, chunk_elems // max(ids.shape[0] * head.weight.shape[0], 1))
                 for p in range(0, t - 1, step):
                     q = min(t - 1, p + step)
                     logits = head(h[:, p:q]).double()
-                    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, p + 1 : q + 1].reshape(-1), reduction="sum")
-                    total += float(nll)
-                    count += ids.shape[0] * (q - p)
+                    # A prediction counts where the token and the next one are both real (not padding).
+                    valid = (mask[:, p:q] * mask[:, p + 1 : q + 1]).reshape(-1).bool()
+                    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, p + 1 : q + 1].reshape(-1), reduction="none")
+                    total += float(nll[valid].sum())
+                    count += int(valid.sum())
     del model
     return math.exp(total / max(count, 1))
 
@@ -127,6 +134,8 @@ def main() -> int:
                        "--keep", str(keep), "-o", f"{out}/", "--threads", str(args.threads), "--quiet", *MODES[mode]]
                 if args.ridge is not None:
                     cmd += ["--ridge", args.ridge]
+                if seq and "--calibration" not in MODES[mode]:  # one-shot: every layer sees the original's inputs
+                    cmd += ["--calibration", "original"]
                 rc, wall, rss, err = run_child(cmd)
                 if rc != 0:
                     print(f"{keep:>5} {mode:<15} {'failed':>9} {'':>8} {wall:>7.1f} {rss:>7.0f}  {err[:160]}")

@@ -259,5 +259,5 @@ def test_verify_cli_on_a_language_model(lm, cli):
     args = ("verify", root / "llama", root / "r.safetensors", "--data", root / "data.safetensors", "--swaps", "10")
     table = cli(*args, "--no-json")
     assert table.code == 0 and "84 tokens" in table.out and "per token: KL median" in table.out and "PPL" in table.out
-    strict = cli(*args, "--min-iia", "1.01")
+    strict = cli(*args, "--min-iia", "1")
     assert strict.code == 3 and "error:" in strict.err and strict.json()["unit"] == "token"
