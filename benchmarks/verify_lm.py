@@ -1,7 +1,7 @@
 """verify and bench on a causal language model: time ratio, peak memory, prefill/decode speed.
 
     python benchmarks/verify_lm.py                      # the 135M LLaMA shape, random bf16 weights
-    python benchmarks/verify_lm.py --model samples/tiny_lm --keep 0.5
+    python benchmarks/verify_lm.py --model samples/tiny_lm --calib samples/tiny_lm_calib.safetensors --data samples/tiny_lm_eval.safetensors
     python benchmarks/verify_lm.py --sequences 32 --length 128 --swaps 8 --threads 2
 
 Without ``--model`` it writes a LLaMA of the SmolLM-135M shape (30 layers, hidden 576, FFN 1536,
@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--gen-repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check-samples", type=int, default=8, help="compile's fold-check samples")
+    ap.add_argument("--calib", help="calibration tokens for compile (default: random tokens)")
+    ap.add_argument("--data", help="eval tokens for verify (default: --sequences × --length random tokens)")
     ap.add_argument("--reduced", help="a reduction of --model that cmrtool compile wrote (skips compiling)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: rss, time, generation")
     args = ap.parse_args()
@@ -153,8 +155,14 @@ def main() -> None:
             write_random_llama(model)
             print(f"wrote the 135M shape (random bf16) in {time.perf_counter() - t0:.0f} s")
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-        write_tokens(tmp / "calib.safetensors", args.calib_sequences, args.length, vocab, 1)
-        write_tokens(tmp / "eval.safetensors", args.sequences, args.length, vocab, 2)
+        if args.calib:
+            shutil.copyfile(args.calib, tmp / "calib.safetensors")
+        else:
+            write_tokens(tmp / "calib.safetensors", args.calib_sequences, args.length, vocab, 1)
+        if args.data:
+            shutil.copyfile(args.data, tmp / "eval.safetensors")
+        else:
+            write_tokens(tmp / "eval.safetensors", args.sequences, args.length, vocab, 2)
         skip = set(filter(None, args.skip.split(",")))
         red = Path(args.reduced) if args.reduced else tmp / "reduced"
         t0 = time.perf_counter()

@@ -145,7 +145,7 @@ def score(
     ridge: float = 1e-3,
     loss: str = "auto",
     arch: str | None = None,
-    calibration: str = "sequential",
+    calibration: str = "original",
     max_memory: str | int | None = None,
     work_dir: str | Path | None = None,
 ) -> Any:
@@ -212,7 +212,7 @@ def compile(
     loss: str = "auto",
     arch: str | None = None,
     onnx: str | Path | None = None,
-    calibration: str = "sequential",
+    calibration: str = "original",
     max_memory: str | int | None = None,
     work_dir: str | Path | None = None,
 ) -> Any:
@@ -232,8 +232,8 @@ def compile(
         curvature: ``auto``, ``exact`` or ``sampled`` Gauss-Newton curvature.
         loss: ``auto`` (cross-entropy with labels, else KL to the model's prediction), ``ce``, ``kl``.
         calibration, max_memory, work_dir: the block engine's options (Hugging Face decoders and
-            encoders; see :class:`cmrtool.engine.EngineOptions`): ``sequential`` (default) or
-            ``original`` calibration, the memory for calibration buffers (bytes or ``"4GB"``), and
+            encoders; see :class:`cmrtool.engine.EngineOptions`): ``original`` (default) or
+            ``sequential`` calibration, the memory for calibration buffers (bytes or ``"4GB"``), and
             where buffers spill. Such models are reduced layer by layer, written in the
             checkpoint's dtype, and their fold error is checked per layer in float64.
 

@@ -142,7 +142,7 @@ def test_sequential_calibration_sees_the_earlier_reductions(models, tmp_path):
     """Layer 1's replacement constants are its means over kept tokens in the model whose layer 0
     is already reduced (clamped), not in the original model."""
     data = models / "pad9.safetensors"
-    report = api.compile(models / "llama", tmp_path / "r.safetensors", calib=data, keep=0.5)
+    report = api.compile(models / "llama", tmp_path / "r.safetensors", calib=data, keep=0.5, calibration="sequential")
     plan = report.plan
     first, second = plan.sites[0], plan.sites[1]
     whole = load_model(models / "llama")
@@ -258,7 +258,7 @@ def test_torchrun_compiles_the_single_process_checkpoint(models, tmp_path):
     bytes equal the single-process ones."""
     from test_distributed import _run
 
-    args = ["compile", models / "llama", "--calib", models / "pad9.safetensors", "--keep", "0.5", "--batch-size", "4", "--json", "-q"]
+    args = ["compile", models / "llama", "--calib", models / "pad9.safetensors", "--keep", "0.5", "--batch-size", "4", "--calibration", "sequential", "--json", "-q"]
     one, two = _run([*args, "-o", tmp_path / "one.safetensors"], None), _run([*args, "-o", tmp_path / "two.safetensors"], 2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
