@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--gen-repeats", type=int, default=2)
+    ap.add_argument("--gen-dtype", default="bf16", help="bench dtype for generation (fp32 on a CPU without native bf16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check-samples", type=int, default=8, help="compile's fold-check samples")
     ap.add_argument("--calib", help="calibration tokens for compile (default: random tokens)")
@@ -207,7 +208,7 @@ def report_generation(model: Path, red: Path, args: argparse.Namespace) -> None:
     from cmrtool import api
 
     api.configure(args.threads)
-    b = api.bench([str(model), str(red)], input_shapes=[f"1,{args.length}"], batch=args.gen_batch, device="auto", dtype="bf16",
+    b = api.bench([str(model), str(red)], input_shapes=[f"1,{args.length}"], batch=args.gen_batch, device="auto", dtype=args.gen_dtype,
                   warmup=1, repeats=args.gen_repeats, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
     print(f"generation ({b.device}, {b.dtype}; {args.prompt_tokens}-token prompts, {args.decode_tokens} greedy steps, "
           f"{args.gen_repeats} alternated rounds); MAC ratio {b.mac_ratio:.2f}")
