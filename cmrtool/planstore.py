@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -34,14 +33,14 @@ from cmrtool.errors import InputError
 from cmrtool.plan import MATRIX_PREFIX, Plan
 
 __all__ = [
-    "INLINE_MATRIX_BYTES", "PLAN_TENSORS_FILE", "TS_TENSORS_FILE", "split", "is_plan_tensor", "SafetensorsTensors",
+    "INLINE_MATRIX_BYTES", "PLAN_JSON_FILE", "PLAN_TENSORS_FILE", "TS_TENSORS_FILE", "split", "is_plan_tensor", "SafetensorsTensors",
     "tensors_to_bytes", "tensors_from_bytes", "write_dir_plan", "read_dir_plan",
 ]
 
 INLINE_MATRIX_BYTES = 1 << 20  # plans with more bytes of dense matrices than this store them as tensors
 PLAN_TENSORS_FILE = "cmrtool_plan.safetensors"  # a Hugging Face directory's plan tensors, next to cmrtool_plan.json
 TS_TENSORS_FILE = "cmrtool/plan.safetensors"  # a TorchScript archive's extra file with the plan tensors
-_PLAN_JSON = "cmrtool_plan.json"  # = cmrtool.backends.hf.PLAN_FILE (not imported: hf imports this module)
+PLAN_JSON_FILE = "cmrtool_plan.json"  # a Hugging Face directory's plan (cmrtool.backends.hf.PLAN_FILE)
 
 
 def split(plan: Plan) -> tuple[str, dict[str, torch.Tensor]]:
@@ -117,7 +116,7 @@ def write_dir_plan(directory: str | Path, plan: Plan) -> str:
     out = Path(directory)
     if side:
         save_file(side, str(out / PLAN_TENSORS_FILE))
-    (out / _PLAN_JSON).write_text(text)
+    (out / PLAN_JSON_FILE).write_text(text)
     return text
 
 
@@ -125,11 +124,11 @@ def read_dir_plan(directory: str | Path) -> Plan | None:
     """The plan of a reduced Hugging Face directory (None when it has none), its references
     resolved in ``cmrtool_plan.safetensors``."""
     p = Path(directory)
-    if not (p / _PLAN_JSON).is_file():
+    if not (p / PLAN_JSON_FILE).is_file():
         return None
     side_path = p / PLAN_TENSORS_FILE
     side = SafetensorsTensors(side_path) if side_path.is_file() else None
-    return Plan.loads((p / _PLAN_JSON).read_text(), side, str(side_path))
+    return Plan.loads((p / PLAN_JSON_FILE).read_text(), side, str(side_path))
 
 
 def _first_line(e: BaseException) -> str:

@@ -35,14 +35,14 @@ from cmrtool.errors import InputError, UsageError
 from cmrtool.hfcheck import check_loading_info, refuse_remote_code
 from cmrtool.io import sha256_file
 from cmrtool.plan import Plan
-from cmrtool.planstore import PLAN_TENSORS_FILE, read_dir_plan, write_dir_plan
+from cmrtool.planstore import PLAN_JSON_FILE, PLAN_TENSORS_FILE, read_dir_plan, write_dir_plan
 
 __all__ = [
     "PLAN_FILE", "transformers_module", "is_hf_dir", "load_dir", "write_dir", "require_hf_input", "check_dir_output",
     "build_from_config", "config_from_json",
 ]
 
-PLAN_FILE = "cmrtool_plan.json"
+PLAN_FILE = PLAN_JSON_FILE
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _OUTPUTS = "or write -o reduced.safetensors (cmrtool rebuilds it: cmrtool.load_reduced) or -o reduced.onnx"
 
