@@ -1,6 +1,6 @@
 """Language models at real scale: block-by-block compile of random-weight LLaMA models.
 
-    python benchmarks/llm_scale.py --sizes 135m,1.2b [--work DIR] [--threads 2] [--keep-files]
+    python benchmarks/llm_scale.py --sizes 135m,1.2b [--work DIR] [--threads 2] [--keep-files] [--replacement affine]
 
 For each size a LLaMA-family model with random weights is written as bf16 safetensors shards,
 tensor by tensor from a meta-device model (never a whole fp32 model in memory), with random
@@ -10,7 +10,8 @@ calibration tokens; then, each as its own child process whose peak resident memo
 1. ``plain``: one plain forward pass over the same tokens, layer by layer (each layer read,
    materialized in fp32, run over all tokens, freed: the least work any layer-wise method does),
 2. ``compile``: ``python -m cmrtool compile DIR --calib tokens --kind neuron --keep 0.5 -o OUT/``
-   with the default (sequential) calibration and the default fold check,
+   with the default (sequential) calibration and the default fold check (``--replacement R``
+   is passed on when given: ``affine`` refits the removed units on all kept units),
 3. ``load``: the reduced directory loaded with stock ``from_pretrained`` with its weights left on
    disk (``device_map={"": "disk"}``, needs ``accelerate``; parameters on the meta device) and its
    tensor shapes compared with the expected ones (``intermediate_size`` halved).
@@ -153,7 +154,11 @@ def _run_measured(args: list[str]) -> tuple[float, int, str, str]:
     return wall, usage.ru_maxrss * 1024, out, err
 
 
-def run_size(size: str, work: Path, threads: int, keep_files: bool) -> dict[str, object]:
+def _bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def run_size(size: str, work: Path, threads: int, keep_files: bool, replacement: str | None = None) -> dict[str, object]:
     me = [sys.executable, str(Path(__file__).resolve())]
     directory = work / f"llama-{size}"
     tokens = work / f"llama-{size}-tokens.safetensors"
@@ -167,6 +172,8 @@ def run_size(size: str, work: Path, threads: int, keep_files: bool) -> dict[str,
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "cmrtool", "compile", str(directory), "--calib", str(tokens), "--kind", "neuron", "--keep", "0.5",
            "-o", f"{out}/", "--threads", str(threads), "--json", "--batch-size", str(max(1, 2048 // shape["tokens"][1]))]
+    if replacement:
+        cmd += ["--replacement", replacement]
     wall, rss, doc_text, err = _run_measured(cmd)
     doc = json.loads(doc_text)
     _, _, load_out, _ = _run_measured([*me, "_load", str(out), str(shape["intermediate_size"] // 2)])
@@ -183,7 +190,9 @@ def run_size(size: str, work: Path, threads: int, keep_files: bool) -> dict[str,
         "plain_forward_peak_rss_gb": plain_rss / 2**30, "time_ratio": wall / plain, "fold_error": doc["fold_error"],
         "fold_error_relative": doc["fold_error_relative"], "dtype": doc["dtype"], "params_before": doc["params_before"],
         "params_after": doc["params_after"], "from_pretrained_ok": load["ok"], "loaded_shapes": load["shapes"],
-        "engine_seconds": doc["engine"]["seconds"],
+        "engine_seconds": doc["engine"]["seconds"], "replacement": doc["replacement"],
+        "plan_json_bytes": _bytes(out / "cmrtool_plan.json"), "plan_tensors_bytes": _bytes(out / "cmrtool_plan.safetensors"),
+        "output_bytes": sum(_bytes(f) for f in out.iterdir()),
     }
     if not keep_files:
         shutil.rmtree(directory, ignore_errors=True)
@@ -208,14 +217,17 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/cmrtool-llm-scale")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep-files", action="store_true", help="keep the checkpoints (they are reused by the next run)")
+    ap.add_argument("--replacement", default=None, help="passed to compile, e.g. --replacement affine (default: compile's own)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     print("size   tokens  peak RSS   RSS÷(layer+buffer)  wall      wall÷forward  fold error (rel)  from_pretrained")
     for size in a.sizes.split(","):
-        r = run_size(size.strip(), work, a.threads, a.keep_files)
+        r = run_size(size.strip(), work, a.threads, a.keep_files, a.replacement)
         print(f"{r['size']:<6} {r['tokens']:>6}  {r['peak_rss_gb']:6.2f} GB  {r['rss_over_block_plus_buffer']:8.2f}           "
               f"{r['wall_s']:7.1f} s  {r['time_ratio']:8.2f}      {r['fold_error_relative']:.2e}         {r['from_pretrained_ok']}", flush=True)
+        print(f"       replacement {r['replacement']}: plan JSON {r['plan_json_bytes'] / 2**20:.2f} MB, plan tensors "
+              f"{r['plan_tensors_bytes'] / 2**20:.1f} MB, output directory {r['output_bytes'] / 2**20:.0f} MB", flush=True)
         print(json.dumps(r), file=sys.stderr, flush=True)
 
 

@@ -5,7 +5,8 @@
   module, the legacy exporter is tried and the report says so.
 - The batch axis is dynamic; weights are stored inline (models under 2 GB); the model is put
   back in eval mode afterwards; the plan of a reduced model goes into the ONNX metadata_props
-  (``cmrtool_plan``); the file is written atomically.
+  (``cmrtool_plan``; a large plan's affine matrices only by reference and sha256, see
+  :mod:`cmrtool.planstore`); the file is written atomically.
 - The result is checked with ``onnx.checker`` and run with onnxruntime on the check batch:
   ``max |onnxruntime(x) − torch(x)|`` is reported (and must be small for the export to count).
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from cmrtool.errors import InputError, UnsupportedModelError
 from cmrtool.io import atomic_write, require_file
+from cmrtool.planstore import split as split_plan
 
 __all__ = ["OnnxReport", "export_onnx", "onnx_parity"]
 
@@ -138,7 +140,8 @@ def export_onnx(model: Any, path: str | Path, inputs: Sequence[torch.Tensor]) ->
             module.eval()
         if model.plan is not None:  # the plan travels with every reduced artefact (DESIGN §4)
             proto = onnx.load(str(tmp))
-            onnx.helper.set_model_props(proto, {"cmrtool_plan": model.plan.dumps()})
+            # A large plan's matrices stay in the checkpoint: here they are references with sha256.
+            onnx.helper.set_model_props(proto, {"cmrtool_plan": split_plan(model.plan)[0]})
             onnx.save(proto, str(tmp))
         try:
             onnx.checker.check_model(str(tmp))

@@ -1,6 +1,7 @@
 """``verify --onnx``: the ONNX file must be an export of *this* reduced model, and agree with it.
 
-``compile --onnx`` writes the plan into the ONNX ``metadata_props`` (``cmrtool_plan``); verify
+``compile --onnx`` writes the plan into the ONNX ``metadata_props`` (``cmrtool_plan``; a large
+plan's affine matrices by reference and sha256 only, :mod:`cmrtool.planstore`); verify
 compares it with the reduced checkpoint's plan before running anything, so another model's
 export (same inputs, different weights) is refused instead of reported as a large "parity".
 Parity then has a threshold: max |onnxruntime(x) − R(x)| above :data:`ONNX_TOLERANCE` fails
@@ -36,8 +37,15 @@ def check_onnx_plan(path: str | Path, reduced: Any) -> None:
     text = props.get("cmrtool_plan")
     if text is None:
         raise InputError(f"{path} carries no cmrtool plan, so it cannot be checked against {reduced.path}", _HINT)
-    if reduced.plan is None or Plan.loads(text) != reduced.plan:
-        raise InputError(f"{path} was exported from another reduction: its plan differs from the plan of {reduced.path}", _HINT)
+    other = InputError(f"{path} was exported from another reduction: its plan differs from the plan of {reduced.path}", _HINT)
+    if reduced.plan is None:
+        raise other
+    try:  # a large plan's matrices are references: resolved against the checkpoint's own (sha256 checked)
+        exported = Plan.loads(text, reduced.plan.matrices(), str(reduced.path))
+    except InputError as e:
+        raise other from e
+    if exported != reduced.plan:
+        raise other
 
 
 def onnx_failure(diff: float | None) -> str | None:

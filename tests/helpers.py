@@ -243,3 +243,19 @@ UNFOLDABLE: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {"nobia
 def inputs_for(shape: tuple[int, ...], n: int = 64, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *shape, generator=g, dtype=dtype)
+
+
+def dense_plan(m, g: torch.Generator):  # noqa: ANN001, ANN201 (a backend model → a Plan)
+    """Every foldable site of ``m``: even units kept, odd units replaced by a random dense affine
+    function of all kept units (:meth:`cmrtool.plan.Replacement.dense_affine`)."""
+    from cmrtool.plan import Plan, Replacement, SitePlan
+
+    sites = []
+    for s in m.sites:
+        if not s.foldable:
+            continue
+        kept, rep = tuple(range(0, s.width, 2)), tuple(range(1, s.width, 2))
+        coef = torch.randn(len(rep) * s.group, len(kept) * s.group, generator=g, dtype=torch.float64)
+        b0 = torch.randn(len(rep) * s.group, generator=g, dtype=torch.float64)
+        sites.append(SitePlan(s.name, s.kind, s.width, kept, rep, Replacement.dense_affine(b0, coef), s.group))
+    return Plan(m.sha256, "hand", tuple(sites))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CASES, SAMPLES, build, inputs_for, save_ts
+from helpers import CASES, SAMPLES, build, dense_plan, inputs_for, save_ts
 
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile import compile_model
@@ -66,24 +66,12 @@ def test_dense_fit_solves_the_ridge_normal_equations_for_all_removed_units_at_on
     assert torch.allclose(coef, want, atol=1e-10) and torch.allclose(b0, mean[rep] - want @ mean[kept], atol=1e-10)
 
 
-def _dense_plan(m, g: torch.Generator) -> Plan:
-    sites = []
-    for s in m.sites:
-        if not s.foldable:
-            continue
-        kept, rep = tuple(range(0, s.width, 2)), tuple(range(1, s.width, 2))
-        coef = torch.randn(len(rep) * s.group, len(kept) * s.group, generator=g, dtype=torch.float64)
-        b0 = torch.randn(len(rep) * s.group, generator=g, dtype=torch.float64)
-        sites.append(SitePlan(s.name, s.kind, s.width, kept, rep, Replacement.dense_affine(b0, coef), s.group))
-    return Plan(m.sha256, "hand", tuple(sites))
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_dense_affine_folds_exactly_and_round_trips(case, tmp_path):
     factory, shape = CASES[case]
     x = inputs_for(shape)
     m = TorchScriptModel(save_ts(build(factory), tmp_path / "m.pt", "script", x[:2]))
-    plan = _dense_plan(m, torch.Generator().manual_seed(3))
+    plan = dense_plan(m, torch.Generator().manual_seed(3))
     r = compile_model(m, plan, tmp_path / "r.pt", check_inputs=[x])
     assert r.fold_error.relative <= 1e-10, r.fold_error
     back = Plan.loads(plan.dumps())

@@ -6,6 +6,8 @@ the (untrained) module, and the weights are assigned to it with their own dtypes
 A **reduced** checkpoint is the state dict of the reduced model with three metadata entries:
 ``cmrtool_plan`` (the plan, JSON), ``cmrtool_arch`` (the factory, or ``hf:ClassName`` for a
 Hugging Face model) and, for Hugging Face models, ``cmrtool_hf_config`` (the original config).
+A large plan's affine matrices are extra tensors ``cmrtool.plan.<site>.matrix`` of the same file
+(:mod:`cmrtool.planstore`); they are not weights, and :func:`load_reduced` skips them.
 :func:`load_reduced` rebuilds it: the factory's model, then the plan's surgery — the shapes come
 from folding the plan into the fresh model's tensors, so a file that does not match its plan is
 refused — then the weights.
@@ -27,6 +29,8 @@ from cmrtool.backends.layouts import split_views
 from cmrtool.errors import InputError, UsageError
 from cmrtool.io import require_file, sha256_file
 from cmrtool.plan import Plan
+from cmrtool.planstore import SafetensorsTensors, is_plan_tensor
+from cmrtool.planstore import split as split_plan
 from cmrtool.safety import import_user_module, trusted_arch
 
 __all__ = [
@@ -88,11 +92,15 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise InputError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})", "the file is truncated or not safetensors; save weights with safetensors.torch.save_file") from e
 
 
-def _read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_tensors(path: str | Path, weights_only: bool = False) -> dict[str, torch.Tensor]:
+    """The file's tensors; with ``weights_only`` without the plan's (``cmrtool.plan.*``)."""
+    from safetensors import safe_open
+
+    from cmrtool.planstore import is_plan_tensor
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if not (weights_only and is_plan_tensor(k))}
     except Exception as e:
         raise InputError(f"cannot read the tensors of {path} ({str(e).splitlines()[0][:120]})", "the file is truncated or corrupt") from e
 
@@ -136,7 +144,7 @@ def load_reduced(path: str | Path, arch: str | None = None) -> Any:
     meta = read_metadata(path)
     if PLAN_KEY not in meta:
         raise InputError(f"{path} has no cmrtool plan: it was not written by cmrtool compile", "load it with --arch as an unreduced checkpoint")
-    plan = Plan.loads(meta[PLAN_KEY])
+    plan = Plan.loads(meta[PLAN_KEY], SafetensorsTensors(path), str(path))  # a large plan's matrices are tensors of the file
     arch = trusted_arch(path, meta.get(ARCH_KEY), arch)
     if not arch:
         raise UsageError(f"{path} does not say which architecture it reduces", _ARCH_HINT)
@@ -145,7 +153,7 @@ def load_reduced(path: str | Path, arch: str | None = None) -> Any:
     expected = fold(base.tensors(), base.sites, plan)
     names = set(base.module.state_dict()) | set(expected.added)
     want = {k: tuple(v.shape) for k, v in base.stock(expected.tensors).items() if k in names}
-    state = _read_tensors(path)
+    state = _read_tensors(path, weights_only=True)
     params = dict(base.module.named_parameters(remove_duplicate=False))
     _check_state(state, want, params, f"{path} does not match its plan for --arch {arch}")
     module = base.reduced_module(split_views(state, base.views), plan, in_place=True)  # the file is in stock layout
@@ -164,7 +172,8 @@ def save_reduced(model: Any, module: nn.Module, path: str | Path, plan: Plan) ->
     """Write ``module``'s state dict with the plan and the architecture in the metadata."""
     from safetensors.torch import save
 
-    meta = {"format": "pt", PLAN_KEY: plan.dumps(), ARCH_KEY: model.arch or ""}
+    text, side = split_plan(plan)  # a large plan's matrices become extra tensors of the file
+    meta = {"format": "pt", PLAN_KEY: text, ARCH_KEY: model.arch or ""}
     if model.hf_config is not None:
         meta[HF_CONFIG_KEY] = model.hf_config.to_json_string()
     if not model.arch:
@@ -172,7 +181,11 @@ def save_reduced(model: Any, module: nn.Module, path: str | Path, plan: Plan) ->
     # Serialized in memory and written through a file object: the destination may be an unnamed
     # temporary file (``/proc/self/fd/N``, see cmrtool.io.atomic_write), next to which
     # save_file could not create its own temporary file.
-    data = save(unique_tensors(module.state_dict()), metadata=meta)
+    state = unique_tensors(module.state_dict())
+    clash = [k for k in state if is_plan_tensor(k)]
+    if clash:
+        raise UsageError(f"the model has a tensor named {clash[0]}, a name cmrtool keeps for its plan", "write -o reduced.pt or -o reduced.onnx")
+    data = save({**state, **side}, metadata=meta)
     with open(path, "wb") as f:
         f.write(data)
 

@@ -9,7 +9,9 @@ written back as a directory that stock ``from_pretrained`` loads — ``config.js
 ``intermediate_size`` / ``num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` updated
 and ``mlp_bias`` / ``attention_bias`` set where a folded constant needs a bias that the
 architecture lacks (the other biases that flag creates are written as zeros), ``model.safetensors``
-with the plan in its metadata, ``cmrtool_plan.json``, and the input's other files (tokenizer…).
+with the plan in its metadata, ``cmrtool_plan.json`` (with ``cmrtool_plan.safetensors`` beside it
+when the plan's affine matrices are large, :mod:`cmrtool.planstore`), and the input's other files
+(tokenizer…).
 Which config fields hold each family's widths and biases, and the family a model is written as
 when its own config cannot hold a folded constant, come from :mod:`cmrtool.backends.hfout`.
 Architectures that derive the head size from ``hidden_size / num_attention_heads`` (BERT, ViT)
@@ -33,13 +35,14 @@ from cmrtool.errors import InputError, UsageError
 from cmrtool.hfcheck import check_loading_info, refuse_remote_code
 from cmrtool.io import sha256_file
 from cmrtool.plan import Plan
+from cmrtool.planstore import PLAN_JSON_FILE, PLAN_TENSORS_FILE, read_dir_plan, write_dir_plan
 
 __all__ = [
     "PLAN_FILE", "transformers_module", "is_hf_dir", "load_dir", "write_dir", "require_hf_input", "check_dir_output",
     "build_from_config", "config_from_json",
 ]
 
-PLAN_FILE = "cmrtool_plan.json"
+PLAN_FILE = PLAN_JSON_FILE
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _OUTPUTS = "or write -o reduced.safetensors (cmrtool rebuilds it: cmrtool.load_reduced) or -o reduced.onnx"
 
@@ -103,7 +106,7 @@ def load_dir(path: str | Path) -> Any:
     except Exception as e:  # transformers raises many exception types for bad directories
         raise InputError(f"transformers could not load {p}: {_first_line(e)}", "check that config.json and the weights belong together") from e
     check_loading_info(p, info)
-    plan = Plan.loads((p / PLAN_FILE).read_text()) if (p / PLAN_FILE).is_file() else None
+    plan = read_dir_plan(p)
     return ModuleModel(module, p, _sha256_dir(p, weights), arch=f"hf:{type(module).__name__}", plan=plan, hf_config=module.config, fmt="huggingface")
 
 
@@ -185,15 +188,15 @@ def write_dir(model: Any, path: str | Path, tensors: Mapping[str, torch.Tensor],
         raise UsageError(f"{type(config).__name__} cannot hold {extra[0]} (a bias the folded constants need)", f"use --replacement zero to fold nothing, {_OUTPUTS}")
     out = Path(path)
     config.save_pretrained(str(out))
-    meta = {"format": "pt", PLAN_KEY: plan.dumps(), ARCH_KEY: f"hf:{type(model.module).__name__}"}
+    text = write_dir_plan(out, plan)  # cmrtool_plan.json, and cmrtool_plan.safetensors for a large plan
+    meta = {"format": "pt", PLAN_KEY: text, ARCH_KEY: f"hf:{type(model.module).__name__}"}
     save_file(unique_tensors(state), str(out / "model.safetensors"), metadata=meta)
-    (out / PLAN_FILE).write_text(plan.dumps())
     _copy_extras(Path(model.path), out)
 
 
 def _copy_extras(src: Path, dest: Path) -> None:
     """Tokenizer and other files of the input directory (not its weights, config or plan)."""
-    skip = {"config.json", PLAN_FILE, *_WEIGHTS}
+    skip = {"config.json", PLAN_FILE, PLAN_TENSORS_FILE, *_WEIGHTS}
     for f in src.iterdir():
         if f.is_file() and f.name not in skip and not f.name.startswith(("model-", "pytorch_model", ".")) and not (dest / f.name).exists():
             shutil.copy2(f, dest / f.name)

@@ -37,6 +37,8 @@ from cmrtool.backends.tsargs import branch_reason, scalar_args, scalar_values_fr
 from cmrtool.integrity import check_zip_crc
 from cmrtool.io import STDIO, read_bytes, require_file, sha256_bytes, sha256_file, write_with
 from cmrtool.plan import Plan
+from cmrtool.planstore import TS_TENSORS_FILE, tensors_from_bytes, tensors_to_bytes
+from cmrtool.planstore import split as split_plan
 from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
 
 __all__ = ["TorchScriptModel", "PLAN_FILE"]
@@ -111,8 +113,8 @@ class TorchScriptModel:
             require_file(self.path, "model file")
             self._bytes = None
             self.sha256 = sha256_file(self.path)
-        self.module, plan_text = self._load()
-        self.plan = Plan.loads(plan_text) if plan_text else None
+        self.module, plan_text, side = self._load()
+        self.plan = Plan.loads(plan_text, side, f"{self.path} (extra file {TS_TENSORS_FILE})") if plan_text else None
         schema = self.module.forward.schema
         scalars = scalar_args(schema)
         self.arg_values = {k: d for k, (_, d, has) in scalars.items() if has}
@@ -134,8 +136,9 @@ class TorchScriptModel:
         self._discover()
 
     # -- loading --------------------------------------------------------------------------------
-    def _load(self) -> tuple[Any, str]:
-        extra = {PLAN_FILE: ""}
+    def _load(self) -> tuple[Any, str, dict[str, torch.Tensor] | None]:
+        """The module, its plan's JSON text and the plan's tensors (None when it has none)."""
+        extra = {PLAN_FILE: "", TS_TENSORS_FILE: ""}
         check_zip_crc(self.path, self._bytes)  # torch.jit.load does not check it
         src: Any = io.BytesIO(self._bytes) if self._bytes is not None else self.path
         try:
@@ -148,8 +151,9 @@ class TorchScriptModel:
         if not module._c._has_method("forward"):
             raise InputError(f"{self.path} has no forward method", "save the model with torch.jit.script(model).save(PATH)")
         module.eval()
-        text = extra[PLAN_FILE]
-        return module, text.decode() if isinstance(text, bytes) else text
+        text, data = extra[PLAN_FILE], extra[TS_TENSORS_FILE]
+        side = tensors_from_bytes(bytes(data), f"{self.path} (extra file {TS_TENSORS_FILE})") if data else None
+        return module, text.decode() if isinstance(text, bytes) else text, side
 
     def reopen(self, path: str | Path) -> TorchScriptModel:
         """Load what :meth:`write` wrote."""
@@ -666,7 +670,10 @@ class TorchScriptModel:
             is_param = name in self._params or (old is None and name not in self._buffers)
             value = nn.Parameter(t.detach().clone(), requires_grad=False) if is_param else t.detach().clone()
             setattr(owner, leaf, value)
-        extra = {PLAN_FILE: plan.dumps()} if plan is not None else {}
+        extra: dict[str, Any] = {}
+        if plan is not None:  # a large plan's matrices: safetensors bytes in a second extra file
+            text, side = split_plan(plan)
+            extra = {PLAN_FILE: text, **({TS_TENSORS_FILE: tensors_to_bytes(side)} if side else {})}
 
         def save(tmp: Path) -> None:
             # Through a file object: the archive's root folder is then always "archive" (a path

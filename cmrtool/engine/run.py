@@ -95,6 +95,8 @@ def compile_dir(
     from cmrtool.backends.checkpoint import ARCH_KEY, HF_CONFIG_KEY, PLAN_KEY
     from cmrtool.compile import _staging
     from cmrtool.engine.loop import _merge_plans
+    from cmrtool.planstore import is_plan_tensor
+    from cmrtool.planstore import split as split_plan
 
     _check_sites(stack, chosen)
     cal = calibration_inputs(stack, calib) if calib is not None else None
@@ -129,10 +131,13 @@ def compile_dir(
         if distributed.is_writer():
             with _staging(out, kind) as stage:
                 if kind == "dir":
-                    _finish_dir(stack, plan, writer, stage)
-                    writer.finish(stage, None, {"format": "pt", PLAN_KEY: plan.dumps(), ARCH_KEY: arch})
+                    text = _finish_dir(stack, plan, writer, stage)
+                    writer.finish(stage, None, {"format": "pt", PLAN_KEY: text, ARCH_KEY: arch})
                 else:
-                    meta = {"format": "pt", PLAN_KEY: plan.dumps(), ARCH_KEY: arch, HF_CONFIG_KEY: stack.config.to_json_string()}
+                    text, side = split_plan(plan)  # a large plan's matrices: extra tensors of the file
+                    for name, t in side.items():
+                        writer.add(name, t)
+                    meta = {"format": "pt", PLAN_KEY: text, ARCH_KEY: arch, HF_CONFIG_KEY: stack.config.to_json_string()}
                     writer.finish(None, stage, meta)
     rows = []
     for sp in plan.sites:
@@ -140,7 +145,7 @@ def compile_dir(
         rows.append({"name": sp.name, "kind": sp.kind, "width": sp.width, "kept": len(sp.kept), "replaced": len(sp.replaced), "fold": site.fold})
     before = stack.meta.num_params()
     params = set(dict(stack.top.named_parameters(remove_duplicate=False)))
-    after = sum(math.prod(shape) for k, shape in writer.shapes.items() if k in params or k not in source)
+    after = sum(math.prod(shape) for k, shape in writer.shapes.items() if (k in params or k not in source) and not is_plan_tensor(k))
     dtype = str(stack.checkpoint_dtype).replace("torch.", "")
     fe = fold_error_of(run)
     notes = [f"processed block by block ({options.calibration if cal is not None else 'no'} calibration); weights written in {dtype}"]
@@ -183,10 +188,12 @@ def _fold_only(stack: BlockStack, chosen: Sequence[Site], report: ScoreReport | 
     return BlockRun(plans, [], [], written, delta, 0, 0.0, peak_rss_bytes(), 0, 0)
 
 
-def _finish_dir(stack: BlockStack, plan: Plan, writer: StreamWriter, stage: Path) -> None:
-    """Config, plan file and the input's other files; zero biases the new config creates."""
-    from cmrtool.backends.hf import _OUTPUTS, PLAN_FILE, _copy_extras, check_dir_output
+def _finish_dir(stack: BlockStack, plan: Plan, writer: StreamWriter, stage: Path) -> str:
+    """Config, plan files and the input's other files; zero biases the new config creates.
+    Returns the plan's JSON text (with references to its tensors when it is large)."""
+    from cmrtool.backends.hf import _OUTPUTS, _copy_extras, check_dir_output
     from cmrtool.errors import UsageError
+    from cmrtool.planstore import write_dir_plan
 
     config, want, tied = check_dir_output(stack.meta, plan)
     for k, shape in want.items():
@@ -198,5 +205,6 @@ def _finish_dir(stack: BlockStack, plan: Plan, writer: StreamWriter, stage: Path
         if tuple(shape) != tuple(want[k]):
             raise UsageError(f"config.json cannot express the reduced {k}: shape {tuple(shape)}, the config gives {want[k]}", f"keep those units {_OUTPUTS}")
     config.save_pretrained(str(stage))
-    (stage / PLAN_FILE).write_text(plan.dumps())
+    text = write_dir_plan(stage, plan)
     _copy_extras(stack.path, stage)
+    return text
