@@ -127,6 +127,11 @@ def _load(directory: Path, intermediate: int) -> None:
     import torch
     import transformers
 
+    try:
+        import accelerate  # noqa: F401  (from_pretrained's disk offloading)
+    except ImportError:
+        print(json.dumps({"ok": None, "shapes": None, "skipped": "the load check needs accelerate: pip install accelerate"}))
+        return
     with tempfile.TemporaryDirectory() as offload:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(directory), local_files_only=True, dtype=torch.bfloat16, device_map={"": "disk"}, offload_folder=offload,
