@@ -6,9 +6,10 @@
     for layer in model.layers:                      # weights read and materialized for this layer only
         plan_b = plan_reduction(layer, H, …)        # the whole-model planner on the block; its one
                                                     #   statistics pass also records the layer's output
-        write(fold(layer tensors, plan_b))          # checkpoint dtype; folded in float64, then cast
         H = output + correction                     # sequential: the reduced layer's output
-        check fold on a slice, in float64           # reduced vs clamped layer, kept tokens
+        F = fold(layer tensors in float64, plan_b)  # once per layer (eq. A.5)
+        check F on a slice, in float64              # reduced vs clamped layer, kept tokens
+        write(cast(F))                              # checkpoint dtype, one rounding
 
 Each layer runs once over the calibration set: its statistics pass records the layer's output
 (:mod:`cmrtool.engine.record`); for a decoder FFN the sequential pass adds the replaced units'
@@ -19,6 +20,11 @@ The fold check compares, on the first sequences of the buffer (kept tokens only)
 layer with the original layer whose replaced units are clamped, both in float64: exact to
 float64 rounding whatever the depth, and never a false alarm from float32 rounding through
 dozens of layers and a large head. No logits are computed: the head is never run.
+
+Each layer is read from the checkpoint once: the tensors read for the statistics pass are
+widened to float64 for the fold and its check, and the tensors written are that checked fold,
+cast. The check's float64 passes (clamped and reduced layer on at most ``check_tokens`` tokens)
+are the one cost per layer that does not shrink with the calibration set.
 """
 
 from __future__ import annotations
