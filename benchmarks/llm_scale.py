@@ -66,7 +66,7 @@ def _make(size: str, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     scratch = directory / ".parts"
     scratch.mkdir(exist_ok=True)
-    writer = StreamWriter(scratch, shard_bytes=2 << 30)
+    writer = StreamWriter(scratch, shard_bytes=2 << 30, reserve=1 << 16)
     g = torch.Generator().manual_seed(0)
     for name, p in model.state_dict().items():
         if config.tie_word_embeddings and name == "lm_head.weight":

@@ -213,19 +213,34 @@ def test_bf16_sharded_checkpoint_is_written_in_bf16_and_loads_with_from_pretrain
     assert json.loads((tmp_path / "r" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_stream_writer_shards_with_an_index(tmp_path):
+@pytest.mark.parametrize("reserve", [0, 40, 4096])  # always copied; header too large for the room; written in place
+def test_stream_writer_shards_with_an_index(tmp_path, reserve):
+    from safetensors import safe_open
+
     from cmrtool.engine.writer import StreamWriter
 
     tensors = {f"t{i}": torch.randn(100, 7).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(5)}
     (tmp_path / "s").mkdir()
-    w = StreamWriter(tmp_path / "s", shard_bytes=3000)
+    w = StreamWriter(tmp_path / "s", shard_bytes=3000, reserve=reserve)
     for k, v in tensors.items():
         w.add(k, v)
-    files = w.finish(tmp_path, None, {"format": "pt"})
+    files = w.finish(tmp_path, None, {"format": "pt", "plan": "x" * 100})
     assert len(files) > 1 and not any((tmp_path / "s").iterdir())
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     got = {k: v for f in files for k, v in load_file(str(f)).items()}
     assert set(index) == set(tensors) and all(torch.equal(got[k], v) for k, v in tensors.items())
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            assert sf.metadata() == {"format": "pt", "plan": "x" * 100}
+        data = sum(t.numel() * t.element_size() for t in load_file(str(f)).values())
+        header = int.from_bytes(f.read_bytes()[:8], "little")
+        assert (f.stat().st_size == reserve + data) == (reserve == 4096) and (8 + header) % 8 == 0
+    single = StreamWriter(tmp_path / "s", shard_bytes=1 << 62, reserve=reserve)
+    for k, v in tensors.items():
+        single.add(k, v)
+    single.finish(None, tmp_path / "one.safetensors", {"format": "pt"})
+    one = load_file(str(tmp_path / "one.safetensors"))
+    assert all(torch.equal(one[k], v) for k, v in tensors.items()) and not any((tmp_path / "s").iterdir())
 
 
 @pytest.mark.parametrize(("args", "message"), [

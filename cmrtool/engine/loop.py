@@ -6,9 +6,10 @@
     for layer in model.layers:                      # weights read and materialized for this layer only
         plan_b = plan_reduction(layer, H, …)        # the whole-model planner on the block; its one
                                                     #   statistics pass also records the layer's output
-        write(fold(layer tensors, plan_b))          # checkpoint dtype; folded in float64, then cast
         H = output + correction                     # sequential: the reduced layer's output
-        check fold on a slice, in float64           # reduced vs clamped layer, kept tokens
+        F = fold(layer tensors in float64, plan_b)  # once per layer (eq. A.5)
+        check F on a slice, in float64              # reduced vs clamped layer, kept tokens
+        write(cast(F))                              # checkpoint dtype, one rounding
 
 Each layer runs once over the calibration set: its statistics pass records the layer's output
 (:mod:`cmrtool.engine.record`); for a decoder FFN the sequential pass adds the replaced units'
@@ -19,6 +20,11 @@ The fold check compares, on the first sequences of the buffer (kept tokens only)
 layer with the original layer whose replaced units are clamped, both in float64: exact to
 float64 rounding whatever the depth, and never a false alarm from float32 rounding through
 dozens of layers and a large head. No logits are computed: the head is never run.
+
+Each layer is read from the checkpoint once: the tensors read for the statistics pass are
+widened to float64 for the fold and its check, and the tensors written are that checked fold,
+cast. The check's float64 passes (clamped and reduced layer on at most ``check_tokens`` tokens)
+are the one cost per layer that does not shrink with the calibration set.
 """
 
 from __future__ import annotations
@@ -124,28 +130,42 @@ def _fast_sites(stack: BlockStack, chosen: Sequence[Site], sequential: bool) -> 
     return list(chosen)
 
 
-def _fold_check(stack: BlockStack, i: int, plan: Plan, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """``max |reduced(x) − clamped(x)|`` over kept tokens and the same relative to ``max |clamped(x)|``, in float64.
+def _checked_fold(
+    stack: BlockStack, i: int, raw: Mapping[str, torch.Tensor], plan: Plan, x: torch.Tensor, mask: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+    """Fold layer ``i`` once in float64, check it, and return it cast to the checkpoint's dtypes
+    with ``(max |reduced(x) − clamped(x)|, the same ÷ max |clamped(x)|)`` over kept tokens.
 
-    The layer is read again, tensor by tensor straight into float64, so the check holds one
-    float64 copy of the layer (plus its folded tensors) and nothing else of it.
+    The layer's tensors already read (``raw``) are widened to float64 (exact from bf16, fp16 and
+    fp32), so each layer is read from disk once; the tensors written are the checked fold, cast
+    once (eq. A.5 in float64, then one rounding), so the check covers exactly what is written.
+    The check holds one float64 copy of the layer plus its folded tensors and nothing else of it.
     """
-    tensors = {k: stack.weights.get(k, torch.float64) for k in stack.layer_names(i)}
-    block = stack.block(i, tensors, torch.float64)
-    del tensors
+    block = stack.block(i, raw, torch.float64)
+    tensors = block.tensors()
+    # The fold of the checkpoint's tensors (the names written); the rest of the block (e.g. the
+    # rotary buffer of the stack around the layer) is joined unchanged for the reduced module.
+    folded = fold({k: tensors[k] for k in raw}, block.sites, plan).tensors if all(k in tensors for k in raw) else None
+    whole = fold(tensors, block.sites, plan).tensors if folded is None else {**tensors, **folded}
+    if folded is None:  # a layer whose checkpoint names differ from its canonical ones (views)
+        folded = fold({k: v.to(torch.float64) for k, v in raw.items()}, block.sites, plan).tensors
+    out = {k: v.to(raw[k].dtype if k in raw else stack.checkpoint_dtype) for k, v in folded.items()}
+    del tensors, folded
     x = x.to(torch.float64)
     names = [sp.name for sp in plan.sites]
     with torch.no_grad():
-        edits = clamp_edits(block, plan, site_ranks(block, [x, mask], names))
+        # The ranks of the site values (hook time) from one token: a third float64 pass over the
+        # check's tokens would cost as much as the check itself.
+        ranks = site_ranks(block, [x[:1, :1], torch.ones_like(mask[:1, :1])], names)
+        edits = clamp_edits(block, plan, ranks)
         clamped = block.run([x, mask], edits=edits)[0]
-        folded = fold(block.tensors(), block.sites, plan)
-        reduced = block.reduced_module(folded.tensors, plan, in_place=True)
-        del folded
-        out = reduced(x, mask)
+        reduced = block.reduced_module(whole, plan, in_place=True)
+        del whole
+        result = reduced(x, mask)
     keep = mask.bool()
-    diff = float((out - clamped)[keep].abs().max())
+    diff = float((result - clamped)[keep].abs().max())
     scale = max(float(clamped[keep].abs().max()), 1e-30)
-    return diff, diff / scale
+    return out, (diff, diff / scale)
 
 
 def _merge_plans(plans: Sequence[Plan], sha256: str, extra: tuple[tuple[str, Any], ...]) -> Plan:
@@ -283,14 +303,6 @@ def run_blocks(
                     block.run(batch.inputs, capture=list(values))
         block.recorder = None
         if compiling:
-            result = fold(raw, block.sites, plan) if plan is not None else None
-            tensors = result.tensors if result is not None else raw
-            for k, v in tensors.items():
-                if write is not None:
-                    write(k, v)
-                written[k] = tuple(v.shape)
-                param_delta += v.numel() - (raw[k].numel() if k in raw else 0)
-            del result, tensors
             replaced = plan is not None and any(sp.replaced for sp in plan.sites)
             if sequential and replaced:
                 assert plan is not None
@@ -304,11 +316,21 @@ def run_blocks(
                         for b0 in range(0, n, options.batch_size):
                             b1 = b0 + options.batch_size
                             h_out[b0:b1] = reduced(h_in[b0:b1], mask[b0:b1])
-            del block, raw
+            sites = block.sites
+            del block
             release()
-            if replaced and check_rows:
+            if replaced and check_rows:  # one float64 fold: checked here, cast and written below
                 assert plan is not None
-                fold_errors.append(_fold_check(stack, i, plan, h_in[:check_rows], mask[:check_rows]))
+                tensors, error = _checked_fold(stack, i, raw, plan, h_in[:check_rows], mask[:check_rows])
+                fold_errors.append(error)
+            else:
+                tensors = fold(raw, sites, plan).tensors if plan is not None else raw
+            for k, v in tensors.items():
+                if write is not None:
+                    write(k, v)
+                written[k] = tuple(v.shape)
+                param_delta += v.numel() - (raw[k].numel() if k in raw else 0)
+            del tensors, raw
         else:
             del block, raw
         release()

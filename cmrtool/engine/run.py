@@ -105,7 +105,11 @@ def compile_dir(
     layer_names = {k for i in range(len(stack)) for k in stack.layer_names(i)}
     arch = f"hf:{type(stack.top).__name__}"
     with scratch(options, out.parent) as work:
-        writer = StreamWriter(work, shard_bytes=2 << 30)
+        # Room for each file's header, so the tensors are written once (StreamWriter): its tensor
+        # entries and the plan in its metadata (about 24 bytes per unit of a mean or zero
+        # replacement); a larger header (e.g. affine matrices) is copied instead.
+        reserve = 4096 + 256 * (len(source) + len(chosen)) + 32 * sum(s.width for s in chosen)
+        writer = StreamWriter(work, shard_bytes=2 << 30 if kind == "dir" else 1 << 62, reserve=reserve)
 
         def write(name: str, t: torch.Tensor) -> None:
             if not distributed.is_writer():

@@ -1,7 +1,13 @@
 """Writing a checkpoint block by block: tensors are appended to data files as they are made, and
-each safetensors file (``u64 header length | JSON header | tensor bytes``) is assembled at the
-end by writing its header and copying its data file behind it in fixed-size chunks, so memory
-never holds more than the block being written.
+each safetensors file (``u64 header length | JSON header | tensor bytes``) is finished at the end,
+so memory never holds more than the block being written.
+
+The header (tensor offsets and the metadata, which holds the plan) is only known at the end, so
+each data file starts ``reserve`` bytes in. If the finished header fits there it is written in
+place, padded with spaces (JSON whitespace; safetensors pads its own headers so), and the file is
+renamed into the output: the tensor bytes are written once. A header that does not fit (or an
+output on another file system) falls back to writing a new file: header, then the data file
+copied behind it in fixed-size chunks.
 
 Small outputs become one ``model.safetensors``; outputs over ``shard_bytes`` become
 ``model-0000i-of-0000N.safetensors`` shards with a ``model.safetensors.index.json`` (the layout
@@ -30,13 +36,17 @@ class StreamWriter:
     """Append tensors (or raw bytes of a known dtype and shape); :meth:`finish` assembles the files.
 
     Args:
-        scratch: a directory for the data files (removed by the caller).
+        scratch: a directory for the data files (removed by the caller); on the output's file
+            system, the finished files are renamed instead of copied.
         shard_bytes: start a new shard after this many bytes.
+        reserve: bytes left for each file's length field and header (a multiple of 8 is used);
+            0 always copies.
     """
 
-    def __init__(self, scratch: str | Path, shard_bytes: int = 4 << 30) -> None:
+    def __init__(self, scratch: str | Path, shard_bytes: int = 4 << 30, reserve: int = 0) -> None:
         self.scratch = Path(scratch)
         self.shard_bytes = shard_bytes
+        self.reserve = reserve + (-reserve % 8)
         self._shards: list[tuple[Path, dict[str, dict[str, object]], int]] = []
         self._file = None
         self.names: set[str] = set()
@@ -48,6 +58,7 @@ class StreamWriter:
                 self._file.close()
             path = self.scratch / f"data-{len(self._shards):05d}"
             self._file = open(path, "wb")
+            self._file.seek(self.reserve)  # a hole, filled by the header at the end
             self._shards.append((path, {}, 0))
         return self._shards[-1]
 
@@ -87,7 +98,7 @@ class StreamWriter:
                     b, e = merged[k]["data_offsets"]  # type: ignore[misc]
                     merged[k] = {**merged[k], "data_offsets": [b + offset, e + offset]}
                 offset += size
-            _assemble(Path(single), merged, [p for p, _, _ in self._shards], metadata)
+            self._place(Path(single), merged, [p for p, _, _ in self._shards], metadata)
             return [Path(single)]
         out = Path(directory)  # type: ignore[arg-type]
         n = len(self._shards)
@@ -98,7 +109,7 @@ class StreamWriter:
         weight_map: dict[str, str] = {}
         total = 0
         for f, (path, header, size) in zip(files, self._shards):
-            _assemble(f, header, [path], metadata)
+            self._place(f, header, [path], metadata)
             weight_map.update({k: f.name for k in header})
             total += size
         if n > 1:
@@ -106,16 +117,38 @@ class StreamWriter:
             (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return files
 
+    def _place(self, dest: Path, header: dict[str, object], data_files: list[Path], metadata: dict[str, str]) -> None:
+        text = _header(header, metadata)
+        if len(data_files) == 1 and 8 + len(text) <= self.reserve:
+            text += b" " * (self.reserve - 8 - len(text))
+            with open(data_files[0], "r+b") as f:
+                f.write(struct.pack("<Q", len(text)))
+                f.write(text)
+            try:
+                os.replace(data_files[0], dest)
+                return
+            except OSError:  # another file system (--work-dir elsewhere): copied below
+                pass
+            with open(dest, "wb") as out, open(data_files[0], "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+            os.unlink(data_files[0])
+            return
+        _assemble(dest, text, data_files, self.reserve)
 
-def _assemble(dest: Path, header: dict[str, object], data_files: list[Path], metadata: dict[str, str]) -> None:
+
+def _header(header: dict[str, object], metadata: dict[str, str]) -> bytes:
     doc = dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))  # type: ignore[index]
     doc = {"__metadata__": metadata, **doc}
     text = json.dumps(doc, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    return text + b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+
+
+def _assemble(dest: Path, text: bytes, data_files: list[Path], skip: int) -> None:
     with open(dest, "wb") as out:
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
         for path in data_files:
             with open(path, "rb") as src:
+                src.seek(skip)
                 shutil.copyfileobj(src, out, 16 << 20)
             os.unlink(path)
