@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cmrtool import api  # noqa: E402
-from cmrtool.timing import paired_speedup  # noqa: E402
+from cmrtool.measure.timing import paired_speedup  # noqa: E402
 
 
 class FFN(nn.Module):

@@ -115,9 +115,9 @@ def inspect(
     input_shape: str | Sequence[int] | None = None,
     arch: str | None = None,
 ) -> Any:
-    """Sites, fold kinds, parameters and MACs of a model (:class:`cmrtool.inspection.InspectReport`)."""
+    """Sites, fold kinds, parameters and MACs of a model (:class:`cmrtool.measure.inspection.InspectReport`)."""
     from cmrtool.data import open_data
-    from cmrtool.inspection import example_inputs, inspect_model
+    from cmrtool.measure.inspection import example_inputs, inspect_model
 
     _single_stdin(path, calib)
     model = open_model(path, arch, calib)
@@ -523,7 +523,7 @@ def bench(
     prompt_tokens: int = 128,
     decode_tokens: int = 32,
 ) -> Any:
-    """Parameters, MACs and measured speed of models, each compared with the first (:class:`cmrtool.bench.BenchReport`).
+    """Parameters, MACs and measured speed of models, each compared with the first (:class:`cmrtool.measure.bench.BenchReport`).
 
     Hugging Face causal LMs also get prefill and decode tokens/s at batch 1 and ``batch``
     (prompts of ``prompt_tokens``, ``decode_tokens`` greedy steps; 0 skips them).
@@ -533,7 +533,7 @@ def bench(
     else of the shapes a reduced model recorded at compile time. Call :func:`configure` first: the
     thread count it sets is the one measured.
     """
-    from cmrtool.bench import BenchSettings, bench_models
+    from cmrtool.measure.bench import BenchSettings, bench_models
 
     settings = BenchSettings(batch=batch, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
                              prompt_tokens=prompt_tokens, decode_tokens=decode_tokens)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from helpers import SAMPLES, TinyMLP, build, save_ts
 
-from cmrtool import api, precision
+from cmrtool import api
+from cmrtool.measure import precision
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.bench import width_notes
-from cmrtool.timing import contention_note, paired_speedup, spread, time_alternating
+from cmrtool.measure.bench import width_notes
+from cmrtool.measure.timing import contention_note, paired_speedup, spread, time_alternating
 
 MLP = SAMPLES / "digits_mlp.pt"
 CALIB = SAMPLES / "calib.safetensors"

@@ -12,7 +12,7 @@ from torch import nn
 
 from cmrtool import api
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.macs import count_macs, profile_macs, site_macs
+from cmrtool.measure.macs import count_macs, profile_macs, site_macs
 from cmrtool.testing import models
 
 X = torch.zeros(1, 1, 8, 8)
@@ -50,7 +50,7 @@ def test_nn_module_macs_are_analytic(name):
 def test_total_is_flop_counter_total_and_layers_add_up(name):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cmrtool.macs import _custom_mapping
+    from cmrtool.measure.macs import _custom_mapping
 
     module = torch.jit.load(str(SAMPLES / f"{name}.pt"))
     with FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as fc, torch.no_grad():

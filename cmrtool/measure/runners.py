@@ -1,7 +1,7 @@
 """What the benchmark times: checkpoints under torch, ``.onnx`` files under onnxruntime.
 
 Every model becomes a no-argument *runner*: one forward pass on the benchmark batch, already
-converted to the device and precision (:mod:`cmrtool.precision`), with a trial call made up front
+converted to the device and precision (:mod:`cmrtool.measure.precision`), with a trial call made up front
 so that a model that does not accept the inputs fails before timing starts, with a clear message.
 The batch is the first ``batch`` samples of a data file, else seeded random tensors of the given
 shapes (or of the shapes a reduced model recorded at compile time). onnxruntime runs a model in
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cmrtool.errors import CmrError, InputError, UsageError
-from cmrtool.precision import Target
+from cmrtool.measure.precision import Target
 
 __all__ = ["BenchModel", "load_bench_model", "benchmark_inputs", "make_runners", "torch_runner", "onnx_session", "onnx_runner", "onnx_precision", "error_detail"]
 
@@ -93,7 +93,7 @@ def _shapes_from(loaded: Sequence[BenchModel]) -> list[list[int]] | None:
 def benchmark_inputs(loaded: Sequence[BenchModel], data: str | None, shapes: Sequence[Sequence[int]] | None, batch: int) -> tuple[list[torch.Tensor], str]:
     """The benchmark batch (CPU, the first TorchScript model's dtype) and where it came from."""
     from cmrtool.data import Dataset
-    from cmrtool.inspection import example_inputs
+    from cmrtool.measure.inspection import example_inputs
 
     ref = next((e.model for e in loaded if e.model is not None), None)
     if ref is None:

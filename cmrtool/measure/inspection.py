@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from cmrtool import __version__
-from cmrtool.macs import count_macs
+from cmrtool.measure.macs import count_macs
 from cmrtool.sites import Rejection, Site
 
 __all__ = ["InspectReport", "inspect_model", "example_inputs"]

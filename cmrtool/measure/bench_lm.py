@@ -8,7 +8,7 @@ Face causal LM of a bench run, at batch 1 and at a larger batch:
 - **decode**: ``steps`` greedy steps after that prefill, one token per sequence per step, each
   reading the KV cache; tokens/s = batch · steps / seconds (the prefill is not in this time).
 
-The models alternate within every round (the order rotating, as in :mod:`cmrtool.timing`); each
+The models alternate within every round (the order rotating, as in :mod:`cmrtool.measure.timing`); each
 figure is the median over rounds, and each model's speedup over the first is the median of the
 per-round ratios, reported beside the MAC ratio of one forward. Precision and device are the
 bench run's (fp16/bf16 on CUDA; fp32 on a CPU without native half precision, said so there).
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from cmrtool.precision import Target
-from cmrtool.timing import paired_speedup, spread
+from cmrtool.measure.precision import Target
+from cmrtool.measure.timing import paired_speedup, spread
 
 __all__ = ["GenerationResult", "is_causal_lm", "bench_generation"]
 

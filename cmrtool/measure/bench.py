@@ -1,19 +1,19 @@
 """Bench: parameters, file size and MACs (per site and in total) beside measured throughput.
 
-For each model: parameters, file size, MACs of one sample (:mod:`cmrtool.macs`: FlopCounterMode
+For each model: parameters, file size, MACs of one sample (:mod:`cmrtool.measure.macs`: FlopCounterMode
 plus attention formulas, MACs = FLOPs / 2) in total and per site (a site's producer and consumer
 layers), then latency and throughput on one input batch with the alternating protocol of
-:mod:`cmrtool.timing`. Every model after the first is compared with the first:
+:mod:`cmrtool.measure.timing`. Every model after the first is compared with the first:
 
 - ``speedup`` = median over rounds of ``latency_first / latency_model`` (measured);
 - ``mac_ratio`` = ``MACs_first / MACs_model`` (the MAC-ideal speedup);
 - ``speedup_realized`` = ``speedup / mac_ratio``: the share of the ideal that the hardware delivers.
 
-Hugging Face causal LMs also get prefill and decode tokens/s (:mod:`cmrtool.bench_lm`).
+Hugging Face causal LMs also get prefill and decode tokens/s (:mod:`cmrtool.measure.bench_lm`).
 
 Precision and device (fp16 on CUDA; fp32 on a CPU without native fp16, said so) are chosen in
-:mod:`cmrtool.precision`; what runs (torch for TorchScript, onnxruntime for ``.onnx``) and on
-which batch in :mod:`cmrtool.runners`.
+:mod:`cmrtool.measure.precision`; what runs (torch for TorchScript, onnxruntime for ``.onnx``) and on
+which batch in :mod:`cmrtool.measure.runners`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import torch
 from cmrtool import __version__
 from cmrtool.api import usable_cpus
 from cmrtool.errors import InputError, UsageError
-from cmrtool.macs import MacCount, profile_macs, site_macs
-from cmrtool.precision import Target, dtype_name, resolve_device, resolve_dtype
-from cmrtool.runners import BenchModel, benchmark_inputs, error_detail, load_bench_model, make_runners, onnx_precision
-from cmrtool.timing import Spread, contention_note, paired_speedup, spread, time_alternating
+from cmrtool.measure.macs import MacCount, profile_macs, site_macs
+from cmrtool.measure.precision import Target, dtype_name, resolve_device, resolve_dtype
+from cmrtool.measure.runners import BenchModel, benchmark_inputs, error_detail, load_bench_model, make_runners, onnx_precision
+from cmrtool.measure.timing import Spread, contention_note, paired_speedup, spread, time_alternating
 
 __all__ = ["BenchSettings", "BenchReport", "ModelResult", "SiteMacs", "bench_models", "width_notes", "BENCH_SCHEMA_VERSION"]
 
@@ -141,7 +141,7 @@ class BenchReport:
     models: tuple[ModelResult, ...]
     notes: tuple[str, ...] = field(default=())
     load_average: tuple[float, ...] = field(default=())
-    generation: tuple[Any, ...] = field(default=())  # cmrtool.bench_lm.GenerationResult, causal LMs only
+    generation: tuple[Any, ...] = field(default=())  # cmrtool.measure.bench_lm.GenerationResult, causal LMs only
     prompt_tokens: int = 0
     decode_tokens: int = 0
 
@@ -323,7 +323,7 @@ def bench_models(
 
 def _generation(loaded: Sequence[BenchModel], settings: BenchSettings, target: Target, progress: ProgressFactory | None) -> list[Any]:
     """Prefill/decode tokens/s at batch 1 and ``settings.batch`` when every model is a causal LM."""
-    from cmrtool.bench_lm import bench_generation, is_causal_lm
+    from cmrtool.measure.bench_lm import bench_generation, is_causal_lm
 
     if not settings.decode_tokens or not all(e.model is not None and is_causal_lm(e.model) for e in loaded):
         return []
