@@ -555,8 +555,8 @@ def audit(
     progress: ProgressFactory | None = None,
     arch: str | None = None,
 ) -> Any:
-    """Reparameterization audit and criterion validation (:class:`cmrtool.audit.AuditReport`)."""
-    from cmrtool.audit import audit as run_audit
+    """Reparameterization audit and criterion validation (:class:`cmrtool.studies.audit.AuditReport`)."""
+    from cmrtool.studies.audit import audit as run_audit
     from cmrtool.criteria import parse_criteria
     from cmrtool.data import open_data
     from cmrtool.scoring import select_sites
@@ -597,7 +597,7 @@ def sweep(
     warn: Callable[[str], None] | None = None,
     arch: str | None = None,
 ) -> Any:
-    """Compile and verify every (criterion, keep) pair (:class:`cmrtool.sweep.SweepReport`).
+    """Compile and verify every (criterion, keep) pair (:class:`cmrtool.studies.sweep.SweepReport`).
 
     Each criterion scores the model once on ``calib``; each keep fraction is compiled from those
     scores and verified on ``data`` with ``swaps`` interchange interventions at ``p``.
@@ -619,7 +619,7 @@ def sweep(
     from cmrtool.errors import InputError
     from cmrtool.io import check_output_path, require_file
     from cmrtool.criteria import parse_criteria
-    from cmrtool.sweep import model_path_for, parse_keeps, run_sweep
+    from cmrtool.studies.sweep import model_path_for, parse_keeps, run_sweep
 
     # Everything cheap is checked before the first compile.
     keep_list = parse_keeps(keeps)
@@ -633,7 +633,7 @@ def sweep(
         if not (what == "model" and Path(f).is_dir()):  # a Hugging Face directory
             require_file(f, what)
     if plot is not None:
-        from cmrtool.plot import require_matplotlib
+        from cmrtool.studies.plot import require_matplotlib
 
         require_matplotlib()
         check_output_path(plot, inputs, force)
@@ -651,7 +651,7 @@ def sweep(
     report = run_sweep(path, calib, data, keep_list, criterion_list, sites, kinds, swaps, p, seed, batch_size,
                        keep_models, force, progress or _no_progress, warn, arch)
     if plot is not None:
-        from cmrtool.plot import plot_sweep
+        from cmrtool.studies.plot import plot_sweep
 
         plot_sweep(report, plot)
     return report

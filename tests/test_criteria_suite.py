@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import CASES, SAMPLES, TinyMLP, build, inputs_for, save_ts, write_data
 
 from cmrtool import api
-from cmrtool.audit import kendall, rescaled_tensors, spearman
+from cmrtool.studies.audit import kendall, rescaled_tensors, spearman
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile import compile_model, compose, make_plan
 from cmrtool.data import Dataset

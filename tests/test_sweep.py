@@ -85,7 +85,7 @@ def test_table_renders(report):
 
 
 def test_figure_has_labelled_axes_and_one_line_per_criterion(report):
-    from cmrtool.plot import sweep_figure
+    from cmrtool.studies.plot import sweep_figure
 
     fig = sweep_figure(report)
     iia_ax, kl_ax = fig.axes[:2]
@@ -160,18 +160,18 @@ def test_bad_inputs(cli, tmp_path, args, message):
 
 
 def test_missing_matplotlib_fails_before_any_work(cli, tmp_path, monkeypatch):
-    import cmrtool.sweep
+    import cmrtool.studies.sweep
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    monkeypatch.setattr(cmrtool.sweep, "run_sweep", lambda *a, **k: pytest.fail("sweep ran without matplotlib"))
+    monkeypatch.setattr(cmrtool.studies.sweep, "run_sweep", lambda *a, **k: pytest.fail("sweep ran without matplotlib"))
     r = cli("sweep", MLP, "--calib", CALIB, "--data", EVAL, "--plot", tmp_path / "s.png")
     assert r.code == 1
     assert "error: --plot needs matplotlib" in r.err and "hint: pip install 'cmrtool[plot]'" in r.err
 
 
 def test_missing_data_file_fails_before_any_work(cli, tmp_path, monkeypatch):
-    import cmrtool.sweep
+    import cmrtool.studies.sweep
 
-    monkeypatch.setattr(cmrtool.sweep, "run_sweep", lambda *a, **k: pytest.fail("sweep ran without its data"))
+    monkeypatch.setattr(cmrtool.studies.sweep, "run_sweep", lambda *a, **k: pytest.fail("sweep ran without its data"))
     r = cli("sweep", MLP, "--calib", CALIB, "--data", tmp_path / "nope.safetensors", "--keep", "0.5")
     assert r.code == 1 and "error: held-out data not found" in r.err and "hint:" in r.err

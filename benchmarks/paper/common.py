@@ -49,7 +49,7 @@ def new_cells(criteria: Sequence[str], keeps: Sequence[float]) -> dict[str, dict
 
 
 def record(cells: dict[str, dict[float, dict[str, list[float]]]], report: object, key: Callable[[float], float] = lambda k: k) -> None:
-    """Append one seed's sweep rows (a :class:`cmrtool.sweep.SweepReport`) to ``cells``; ``key`` maps a row's keep to the cell's."""
+    """Append one seed's sweep rows (a :class:`cmrtool.studies.sweep.SweepReport`) to ``cells``; ``key`` maps a row's keep to the cell's."""
     for r in report.rows:  # type: ignore[attr-defined]
         cell = cells[r.criterion][key(r.keep)]
         cell["acc"].append(r.accuracy)

@@ -28,7 +28,7 @@ def require_matplotlib() -> Any:
 
 
 def sweep_figure(report: Any) -> Any:
-    """A matplotlib ``Figure`` of a :class:`~cmrtool.sweep.SweepReport`: IIA (left) and
+    """A matplotlib ``Figure`` of a :class:`~cmrtool.studies.sweep.SweepReport`: IIA (left) and
     interchange KL (right) against MACs kept, one line per criterion.
 
     The x-axis is reduced MACs / original MACs (the keep fraction when MACs are unknown); the top
