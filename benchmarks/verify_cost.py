@@ -2,7 +2,7 @@
 
     python benchmarks/verify_cost.py [--swaps 2000] [--repeats 5] [--threads 1] [--warmup 10]
 
-The verify side is ``cmrtool.verify.verify`` on the loaded models and data (fold error, plain
+The verify side is ``cmrtool.verify.report.verify`` on the loaded models and data (fold error, plain
 fidelity, interchange for every site and for all sites: everything the protocol computes); the
 plain side runs the original TorchScript module over 2R held-out inputs (the data tiled) in
 batches of 256. After ``--warmup`` unmeasured pairs (steady state: the first calls in a process
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from cmrtool import api  # noqa: E402
 from cmrtool.backends.torchscript import TorchScriptModel  # noqa: E402
 from cmrtool.data import Dataset  # noqa: E402
-from cmrtool.verify import verify  # noqa: E402
+from cmrtool.verify.report import verify  # noqa: E402
 
 SAMPLES = ROOT / "samples"
 MODELS = ["digits_mlp", "digits_mlp_traced", "digits_convnet", "digits_convnet_traced", "digits_transformer", "digits_transformer_traced"]

@@ -13,7 +13,7 @@ into a temporary directory that is deleted afterwards. Then, in that directory:
 2. **verify memory**: ``cmrtool verify`` on ``--sequences × --length`` random eval tokens in a
    child process; its peak RSS from ``os.wait4`` (``ru_maxrss``);
 3. **verify time ratio**: in one child (after one untimed warm-up of each with ``--warmup``),
-   alternating ``--pairs`` times: ``cmrtool.verify.verify`` on the loaded models vs one plain forward of O
+   alternating ``--pairs`` times: ``cmrtool.verify.report.verify`` on the loaded models vs one plain forward of O
    plus one of R over the same tokens (whole-model forwards in batches of ``--batch``
    sequences); the median of the per-pair ratios is printed, with verify's parts;
 4. **generation**: ``cmrtool.api.bench`` prefill and decode tokens/s of original and reduced
@@ -98,7 +98,7 @@ _TIMING_CHILD = r"""
 import json, statistics, sys, time, torch
 from cmrtool import api
 from cmrtool.data import open_data
-from cmrtool.verify import verify
+from cmrtool.verify.report import verify
 orig, red, data_path, swaps, batch, pairs, threads, warm = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 api.configure(threads)
 o, r = api.open_model(orig), api.open_model(red)

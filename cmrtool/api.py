@@ -475,15 +475,15 @@ def verify(
     progress: ProgressFactory | None = None,
     arch: str | None = None,
 ) -> Any:
-    """Verify a reduced checkpoint against its original (:class:`cmrtool.verify.VerifyReport`).
+    """Verify a reduced checkpoint against its original (:class:`cmrtool.verify.report.VerifyReport`).
 
     The reduced model carries its plan, so only the two models and held-out data are needed.
     ``report.passed`` is False when a threshold fails (the CLI then exits with code 3).
     """
     from cmrtool.data import open_data
     from cmrtool.io import sha256_file
-    from cmrtool.verify import Thresholds
-    from cmrtool.verify import verify as run_verify
+    from cmrtool.verify.report import Thresholds
+    from cmrtool.verify.report import verify as run_verify
 
     _single_stdin(original, reduced, data)
     check_thresholds(min_iia, max_kl, max_fold_error)

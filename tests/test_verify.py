@@ -17,7 +17,7 @@ from cmrtool.compile import compile_model
 from cmrtool.data import Dataset
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.swap import select
-from cmrtool.verify import _bernoulli, _Cache, _downstreams, interchange, margin_certificate, prepare_interchange, wilson
+from cmrtool.verify.report import _bernoulli, _Cache, _downstreams, interchange, margin_certificate, prepare_interchange, wilson
 
 
 class ThreeUnit(nn.Module):

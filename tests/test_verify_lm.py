@@ -23,7 +23,7 @@ transformers.utils.logging.disable_progress_bar()
 from cmrtool import api  # noqa: E402
 from cmrtool.backends import load_model  # noqa: E402
 from cmrtool.backends.checkpoint import load_reduced  # noqa: E402
-from cmrtool.verify_tokens import Quantiles, TokenFidelity  # noqa: E402
+from cmrtool.verify.token_metrics import Quantiles, TokenFidelity  # noqa: E402
 
 
 def _llama(vocab: int = 40, dtype: torch.dtype = torch.float64, **kw):
@@ -142,10 +142,10 @@ def test_padding_does_not_change_the_report(lm):
 def test_token_swap_equals_a_direct_intervention(lm):
     """p = 1: the retained units of the site at (base, t) take the source's values; the low
     level's logits at t must equal a full forward with that edit."""
-    from cmrtool.verify import _generator
-    from cmrtool.verify_lm import sample_mask, token_models
+    from cmrtool.verify.report import _generator
+    from cmrtool.verify.lm import sample_mask, token_models
     from cmrtool.data import open_data
-    from cmrtool.verify_token_swaps import draw_token_swaps
+    from cmrtool.verify.token_swaps import draw_token_swaps
 
     root, ids, mask = lm
     o, r = load_model(root / "llama"), load_reduced(root / "r.safetensors")
@@ -195,12 +195,12 @@ def test_bert_masked_lm(tmp_path):
 _MEMORY_CHILD = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
-    import cmrtool.verify_lm
+    import cmrtool.verify.lm
     from cmrtool.backends import load_model
     from cmrtool.backends.checkpoint import load_reduced
     from cmrtool.data import open_data
-    from cmrtool.verify import verify
-    cmrtool.verify_lm._LOGIT_ELEMENTS = 1 << 18  # small head chunks, so the bound below is tight
+    from cmrtool.verify.report import verify
+    cmrtool.verify.lm._LOGIT_ELEMENTS = 1 << 18  # small head chunks, so the bound below is tight
     root = sys.argv[1]
     o, r = load_model(root + "/llama"), load_reduced(root + "/r.safetensors")
     data = open_data(root + "/d.safetensors", o)

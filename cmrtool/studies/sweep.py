@@ -9,7 +9,7 @@ compiled from those scores (:func:`cmrtool.api.compile`), verified on held-out d
 - size: parameters and MACs, and their ratios to the original (``macs_ratio`` = MACs kept);
 - plain fidelity: accuracy (when the data has labels), top-1 agreement, ``fidelity_kl`` =
   mean KL(softmax O ‖ softmax R); for token models (``unit`` = ``token``) these are per-token
-  means (:mod:`cmrtool.verify_tokens`), with ``fidelity_kl_p99`` and ``perplexity_ratio`` too;
+  means (:mod:`cmrtool.verify.token_metrics`), with ``fidelity_kl_p99`` and ``perplexity_ratio`` too;
 - interchange (DESIGN §3.5): ``iia`` and ``kl`` = KL(z_L ‖ z_H) of the all-sites entry when
   several sites are reduced, else of the one site (``iia_of`` names it); per-site figures under
   ``sites``.

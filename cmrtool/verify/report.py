@@ -20,8 +20,8 @@ Given the original O, the reduced R (whose plan travels inside it) and held-out 
    intervened run computes elsewhere).
 
 Token models (Hugging Face LMs and encoders: per-token logits) take their own path, with every
-figure a per-token mean in bounded memory: :mod:`cmrtool.verify_lm` (base + head in chunks),
-:mod:`cmrtool.verify_tokens` (streaming figures), :mod:`cmrtool.verify_token_swaps` (swaps
+figure a per-token mean in bounded memory: :mod:`cmrtool.verify.lm` (base + head in chunks),
+:mod:`cmrtool.verify.token_metrics` (streaming figures), :mod:`cmrtool.verify.token_swaps` (swaps
 between tokens).
 
 Site activations of every base and source are computed once, by the same passes that measure
@@ -176,7 +176,7 @@ class VerifyReport:
     inputs: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     unit: str = "sample"  # what a sample is: "sample" (a row of the data) or "token"
-    tokens: Any = None  # per-token figures of a token model (cmrtool.verify_tokens.TokenFigures)
+    tokens: Any = None  # per-token figures of a token model (cmrtool.verify.token_metrics.TokenFigures)
 
     @property
     def passed(self) -> bool:
@@ -705,11 +705,11 @@ def verify(
 
     settings = {"swaps": swaps, "p": p, "seed": seed, "sites": chosen, "batch_size": batch_size, "criterion": plan.criterion,
                 "min_iia": thresholds.min_iia, "max_kl": thresholds.max_kl, "max_fold_error": thresholds.max_fold_error}
-    from cmrtool.verify_lm import token_models
+    from cmrtool.verify.lm import token_models
 
     pair = token_models(original, reduced, data)
-    if pair is not None:  # per-token figures, bounded memory (cmrtool.verify_lm)
-        from cmrtool.verify_token_swaps import verify_token_model
+    if pair is not None:  # per-token figures, bounded memory (cmrtool.verify.lm)
+        from cmrtool.verify.token_swaps import verify_token_model
 
         def clamp_for(x: list[torch.Tensor]) -> dict[str, Any]:
             return clamp_edits(original, plan, site_ranks(original, [t[:1] for t in x], planned))

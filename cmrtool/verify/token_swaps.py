@@ -1,13 +1,13 @@
 """Interchange interventions between tokens, and the token-model verify run (DESIGN §3.5).
 
 A token swap takes a base token (sequence i, position t) and a source token (sequence j ≠ i,
-the same position t), both samples (:func:`cmrtool.verify_lm.sample_mask`), and a mask m over a
+the same position t), both samples (:func:`cmrtool.verify.lm.sample_mask`), and a mask m over a
 site's retained units (each 1 with probability p). Low level: O on sequence i with the
 retained units of the site at position t set to ``m⊙a_O(j, t) + (1−m)⊙a_O(i, t)`` (replaced
 units and every other position keep their own values); high level: R the same with a_R. The
 compared predictions are both models' logits at (i, t): z_L and z_H. IIA, its Wilson interval,
 KL both ways, D2 and the margin certificates are then those of per-sample verify
-(:func:`cmrtool.verify.summarize_swaps`), one swap = one token.
+(:func:`cmrtool.verify.report.summarize_swaps`), one swap = one token.
 
 Draws: the base is uniform over the sample tokens whose position holds a sample in at least two
 sequences; the source uniform over the other sequences' samples at that position; masks as for
@@ -19,7 +19,7 @@ the positions before t are those of the clean run, so a swap runs the one token 
 model on the clean KV cache of its sequence (kept from the fidelity passes), attending to the
 first t positions: the same value as a run of the sequence cut after t, for one token's work. An
 encoder re-runs the base sequence. The edit is a boolean mask set at the swapped position only. Source values come from the clean passes of the fidelity stream
-(:class:`cmrtool.verify_lm.Stores`: only the drawn sources, O's retained units only).
+(:class:`cmrtool.verify.lm.Stores`: only the drawn sources, O's retained units only).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from cmrtool.errors import InputError
-from cmrtool.verify_lm import Stores, TokenModel, chunk_for, sample_mask, stream_fidelity
-from cmrtool.verify_tokens import TokenFidelity, swap_scalars
+from cmrtool.verify.lm import Stores, TokenModel, chunk_for, sample_mask, stream_fidelity
+from cmrtool.verify.token_metrics import TokenFidelity, swap_scalars
 
 __all__ = ["draw_token_swaps", "verify_token_model"]
 
@@ -92,7 +92,7 @@ def _run_group(
     pos: torch.Tensor, base: torch.Tensor, source: torch.Tensor, masks: dict[str, torch.Tensor], stores: tuple[Stores, Stores],
     cols: dict[str, torch.Tensor | None], base_pred: torch.Tensor, advance: Callable[[int], None], kv: list[list[tuple[torch.Tensor, torch.Tensor]]] | None,
 ) -> Any:
-    from cmrtool.verify import summarize_swaps
+    from cmrtool.verify.report import summarize_swaps
 
     swaps = base.numel()
     length = inputs[0].shape[1]
@@ -143,7 +143,7 @@ def verify_token_model(
 ) -> tuple[TokenFidelity, list[Any], list[str]]:
     """Per-token fidelity and one interchange result per group (sites, then all sites);
     ``swaps`` 0 skips interchange. Returns the accumulators, the results and notes."""
-    from cmrtool.verify import _bernoulli, _generator
+    from cmrtool.verify.report import _bernoulli, _generator
 
     batch = data.all()
     inputs = list(batch.inputs)

@@ -7,7 +7,7 @@ two: the **base** (the child named by ``base_model_prefix``, e.g. ``model`` of a
 **head** (the one other child: ``lm_head``, ``cls``, ``classifier``). verify runs the base over
 a few sequences at a time, keeps the hidden states of the sample tokens only, and applies the
 head to at most ``_LOGIT_ELEMENTS / V`` tokens at once, folding each chunk of logits straight
-into :class:`cmrtool.verify_tokens.TokenFidelity`. Memory is bounded by the models, one pass of
+into :class:`cmrtool.verify.token_metrics.TokenFidelity`. Memory is bounded by the models, one pass of
 hidden states and one chunk of logits, never eval tokens × V.
 
 Samples: an encoder's are the tokens its attention mask keeps; a causal LM's are the kept
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cmrtool.backends.module import output_tensor
-from cmrtool.verify_tokens import TokenFidelity
+from cmrtool.verify.token_metrics import TokenFidelity
 
 __all__ = ["TokenModel", "token_models", "sample_mask", "Stores", "stream_fidelity"]
 
