@@ -244,7 +244,7 @@ def fit_dense(
     One pass over the data per chunk of sites (:func:`_site_chunks`); each site's covariance is
     freed as soon as its fit is made. ``progress`` counts ``data.n`` in total.
     """
-    from cmrtool.fold import unit_rows
+    from cmrtool.compile.fold import unit_rows
     from cmrtool.lsq import fit_blocks
 
     todo = [s for s in sites if replaced[s.name]]

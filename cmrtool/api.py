@@ -216,7 +216,7 @@ def compile(
     max_memory: str | int | None = None,
     work_dir: str | Path | None = None,
 ) -> Any:
-    """Reduce a model and write the smaller checkpoint (:class:`cmrtool.compile.CompileReport`).
+    """Reduce a model and write the smaller checkpoint (:class:`cmrtool.compile.run.CompileReport`).
 
     Scores come from ``scores`` (a :class:`~cmrtool.scoring.ScoreReport`, or the path of a
     ``score --json`` document, ``-`` for stdin) or are computed on ``calib``. With ``calib`` the
@@ -242,7 +242,7 @@ def compile(
     equal widths), or ``.onnx``; ``onnx`` additionally exports the reduced model to that file.
     """
     from cmrtool.affine import check_parents, check_ridge
-    from cmrtool.compile import check_allocation, compile_model, output_kind
+    from cmrtool.compile.run import check_allocation, compile_model, output_kind
     from cmrtool.criteria import AFFINE_MODES, REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
     from cmrtool.io import check_output_name, check_output_path, read_bytes
@@ -491,7 +491,7 @@ def verify(
     r = open_model(reduced, arch if str(reduced).endswith(".safetensors") else None, data)
     ds = open_data(data, o)
     if onnx is not None:
-        from cmrtool.onnxcheck import check_onnx_plan
+        from cmrtool.compile.onnxcheck import check_onnx_plan
 
         check_onnx_plan(onnx, r)
     report = run_verify(
@@ -499,7 +499,7 @@ def verify(
         thresholds=Thresholds(min_iia, max_kl, max_fold_error), onnx=None if onnx is None else str(onnx), progress=progress,
     )
     if onnx is not None:
-        from cmrtool.onnxcheck import onnx_failure
+        from cmrtool.compile.onnxcheck import onnx_failure
 
         failed = onnx_failure(report.onnx_max_abs_diff)
         if failed:

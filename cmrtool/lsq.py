@@ -14,7 +14,7 @@ bias): ``B = G_SK (G_KK + λI)⁻¹`` with λ relative to the mean second moment
 
 **Fold** (A.5, Theorem 1's affine case): a linear consumer ``u = W a + b`` becomes
 ``W'[:, K] = W[:, K] + W[:, S] B``ᵀ-wise, i.e. ``W'_K = W_K + W_S B`` and ``b' = b + W_S β0``
-(:mod:`cmrtool.fold`).
+(:mod:`cmrtool.compile.fold`).
 
 **Residual** (:func:`residual_covariance`): the covariance left in ``a_S − (β0 + B a_K)``,
 ``Σ_SS − B Σ_KS − Σ_SK Bᵀ + B Σ_KK Bᵀ``; at λ = 0 it is the Schur complement

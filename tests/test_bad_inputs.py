@@ -17,7 +17,7 @@ from helpers import SAMPLES, TinyMLP, build
 from safetensors.torch import save_file
 
 from cmrtool.errors import CmrError, InputError
-from cmrtool.fold import fold
+from cmrtool.compile.fold import fold
 from cmrtool.plan import Plan, Replacement, SitePlan
 
 MLP = SAMPLES / "digits_mlp.pt"
@@ -454,7 +454,7 @@ def test_verify_onnx_of_another_reduction_is_refused_and_parity_has_a_threshold(
     ok = cli("verify", MLP, a, "--data", CALIB, "--onnx", tmp_path / "a.onnx", "--swaps", "20")
     assert ok.code == 0 and ok.json()["onnx_max_abs_diff"] < 1e-3
 
-    from cmrtool.onnxcheck import ONNX_TOLERANCE, onnx_failure
+    from cmrtool.compile.onnxcheck import ONNX_TOLERANCE, onnx_failure
 
     assert onnx_failure(12.0) == f"ONNX max |diff| 12 > {ONNX_TOLERANCE}" and onnx_failure(1e-6) is None
 

@@ -11,7 +11,7 @@ from helpers import CASES, SAMPLES, TinyMLP, build, inputs_for, save_ts, write_d
 from cmrtool import api
 from cmrtool.studies.audit import kendall, rescaled_tensors, spearman
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.compile import compile_model, compose, make_plan
+from cmrtool.compile.run import compile_model, compose, make_plan
 from cmrtool.data import Dataset
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan

@@ -19,10 +19,10 @@ transformers.utils.logging.set_verbosity_error()
 from cmrtool import api  # noqa: E402
 from cmrtool.backends import load_model  # noqa: E402
 from cmrtool.backends.checkpoint import load_reduced  # noqa: E402
-from cmrtool.compile import clamp_edits, fold_error, site_ranks  # noqa: E402
+from cmrtool.compile.run import clamp_edits, fold_error, site_ranks  # noqa: E402
 from cmrtool.data import Dataset  # noqa: E402
 from cmrtool.errors import UsageError  # noqa: E402
-from cmrtool.fold import fold  # noqa: E402
+from cmrtool.compile.fold import fold  # noqa: E402
 from cmrtool.reduce import plan_reduction  # noqa: E402
 from cmrtool.scoring import score_model, select_sites  # noqa: E402
 

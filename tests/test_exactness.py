@@ -8,7 +8,7 @@ import torch
 from helpers import CASES, SAMPLES, UNFOLDABLE, ZeroPadConv, build, inputs_for, save_ts, write_data
 
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.compile import clamp_edits, compile_model, fold_error, make_plan, site_ranks
+from cmrtool.compile.run import clamp_edits, compile_model, fold_error, make_plan, site_ranks
 from cmrtool.data import Dataset
 from cmrtool.scoring import score_model
 

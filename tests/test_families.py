@@ -23,9 +23,9 @@ from cmrtool import api  # noqa: E402
 from cmrtool.backends import load_model  # noqa: E402
 from cmrtool.backends.families import family_of  # noqa: E402
 from cmrtool.backends.layouts import View, join_views, split_views  # noqa: E402
-from cmrtool.compile import clamp_edits, site_ranks  # noqa: E402
+from cmrtool.compile.run import clamp_edits, site_ranks  # noqa: E402
 from cmrtool.errors import InputError, UsageError  # noqa: E402
-from cmrtool.fold import fold  # noqa: E402
+from cmrtool.compile.fold import fold  # noqa: E402
 
 T = transformers
 _LM = dict(vocab_size=40, num_hidden_layers=2, max_position_embeddings=32, initializer_range=0.3)

@@ -20,7 +20,7 @@ from cmrtool import api  # noqa: E402
 from cmrtool.backends import load_model  # noqa: E402
 from cmrtool.backends.checkpoint import load_reduced  # noqa: E402
 from cmrtool.errors import InputError, UsageError  # noqa: E402
-from cmrtool.fold import fold  # noqa: E402
+from cmrtool.compile.fold import fold  # noqa: E402
 
 def config(name: str):
     """A fresh config (models built from it may change its dtype, so it is never shared)."""

@@ -13,7 +13,7 @@ from helpers import SAMPLES
 from safetensors.torch import load_file
 
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.compile import make_plan
+from cmrtool.compile.run import make_plan
 from cmrtool.data import Dataset
 from cmrtool.scoring import score_model
 from cmrtool.testing.models import digits_convnet, digits_mlp

@@ -10,7 +10,7 @@ import torch
 from helpers import CASES, SAMPLES, build, dense_plan, inputs_for, save_ts
 
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.compile import compile_model
+from cmrtool.compile.run import compile_model
 from cmrtool.criteria import Evidence, get_criterion
 from cmrtool.errors import InputError
 from cmrtool.lsq import dense_fit, greedy_removal, removal_scores, residual_covariance

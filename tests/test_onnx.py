@@ -15,7 +15,7 @@ from torch import nn
 from cmrtool import api
 from cmrtool.backends import load_model
 from cmrtool.data import Dataset
-from cmrtool.export import export_onnx
+from cmrtool.compile.export import export_onnx
 
 CALIB, EVAL = SAMPLES / "calib.safetensors", SAMPLES / "eval.safetensors"
 SAMPLE_NAMES = ["digits_mlp", "digits_convnet", "digits_transformer"]

@@ -6,7 +6,7 @@ import pytest
 from helpers import SAMPLES
 
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.compile import make_plan
+from cmrtool.compile.run import make_plan
 from cmrtool.data import Dataset
 from cmrtool.errors import InputError
 from cmrtool.plan import Plan, Replacement, SitePlan

@@ -20,7 +20,7 @@ from cmrtool import planstore
 from cmrtool.backends import load_model
 from cmrtool.backends.checkpoint import load_reduced
 from cmrtool.backends.torchscript import PLAN_FILE, TorchScriptModel
-from cmrtool.compile import compile_model
+from cmrtool.compile.run import compile_model
 from cmrtool.errors import InputError
 from cmrtool.plan import Plan
 
@@ -87,7 +87,7 @@ def test_torchscript_keeps_a_large_plan_in_an_extra_file(external, tmp_path, cli
 
 def test_safetensors_and_onnx_outputs_carry_a_large_plan(external, tmp_path):
     from cmrtool.data import Dataset
-    from cmrtool.onnxcheck import check_onnx_plan
+    from cmrtool.compile.onnxcheck import check_onnx_plan
 
     arch = "cmrtool.testing.models:digits_mlp"
     m = load_model(SAMPLES / "digits_mlp.safetensors", arch=arch)
@@ -171,7 +171,7 @@ def test_engine_directory_holds_the_matrices_beside_a_small_plan_and_verifies(wi
 
 def test_engine_single_file_and_whole_model_directory_round_trip(wide, tmp_path):
     from cmrtool import api
-    from cmrtool.compile import fold_error
+    from cmrtool.compile.run import fold_error
     from cmrtool.data import Dataset
 
     model, data = wide

@@ -13,7 +13,7 @@ from torch import nn
 
 from cmrtool import api
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.compile import compile_model
+from cmrtool.compile.run import compile_model
 from cmrtool.data import Dataset
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.swap import select

@@ -139,7 +139,7 @@ def load_reduced(path: str | Path, arch: str | None = None) -> Any:
         >>> logits = reduced.forward([x])
     """
     from cmrtool.backends.module import ModuleModel
-    from cmrtool.fold import fold
+    from cmrtool.compile.fold import fold
 
     meta = read_metadata(path)
     if PLAN_KEY not in meta:

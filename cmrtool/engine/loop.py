@@ -41,14 +41,14 @@ from typing import Any
 import torch
 
 from cmrtool import distributed
-from cmrtool.compile import FoldError, clamp_edits, site_ranks
+from cmrtool.compile.run import FoldError, clamp_edits, site_ranks
 from cmrtool.engine.blocks import BlockStack
 from cmrtool.engine.buffer import BlockData, BufferPool
 from cmrtool.engine.record import Recorder, correct, share_outputs
 from cmrtool.engine.memory import peak_rss_bytes, release, rss_bytes
 from cmrtool.engine.options import EngineOptions
 from cmrtool.errors import CmrError
-from cmrtool.fold import fold
+from cmrtool.compile.fold import fold
 from cmrtool.plan import Plan, SitePlan
 from cmrtool.scoring import ScoreReport, SiteScores, score_model
 from cmrtool.sites import Site

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cmrtool import distributed
-from cmrtool.compile import CompileReport
+from cmrtool.compile.run import CompileReport
 from cmrtool.criteria import REGISTRY, get_criterion
 from cmrtool.engine.blocks import BlockStack
 from cmrtool.engine.loop import BlockRun, calibration_inputs, check_exact, fold_error_of, run_blocks, scratch
@@ -93,7 +93,7 @@ def compile_dir(
     """Reduce block by block and write ``out`` (a directory when ``kind == "dir"``, else one
     ``.safetensors`` file with the plan in its metadata), atomically."""
     from cmrtool.backends.checkpoint import ARCH_KEY, HF_CONFIG_KEY, PLAN_KEY
-    from cmrtool.compile import _staging
+    from cmrtool.compile.run import _staging
     from cmrtool.engine.loop import _merge_plans
     from cmrtool.planstore import is_plan_tensor
     from cmrtool.planstore import split as split_plan
@@ -167,9 +167,9 @@ def compile_dir(
 def _fold_only(stack: BlockStack, chosen: Sequence[Site], report: ScoreReport | None, plan_args: dict[str, Any], write: Callable[[str, torch.Tensor], None]) -> BlockRun:
     """Compile from scores without calibration data: plan and fold each layer, no forward."""
     from cmrtool.backends.hfout import zero_replacements
-    from cmrtool.compile import make_plan
+    from cmrtool.compile.run import make_plan
     from cmrtool.engine.memory import peak_rss_bytes
-    from cmrtool.fold import fold
+    from cmrtool.compile.fold import fold
 
     assert report is not None
     plans: list[Plan] = []

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cmrtool import __version__
-from cmrtool.compile import make_plan
+from cmrtool.compile.run import make_plan
 from cmrtool.errors import UnsupportedModelError
 from cmrtool.scoring import score_model
 from cmrtool.sites import Site
@@ -62,7 +62,7 @@ def rescaled_tensors(
                 t = out[name]
                 out[name] = (t.to(torch.float64) * s.reshape(-1, *([1] * (t.dim() - 1)))).to(t.dtype)
         for c in site.consumers:
-            from cmrtool.fold import unit_columns
+            from cmrtool.compile.fold import unit_columns
 
             w = out[c.weight].to(torch.float64)
             for j in range(site.width):
@@ -201,7 +201,7 @@ def audit(
 
 def _validate(model: Any, data: Any, criteria: Sequence[str], sites: Sequence[Site], n_units: int, batch_size: int) -> dict[str, Any]:
     """ΔKL of replacing each sampled unit alone by its mean, vs each criterion's scores."""
-    from cmrtool.compile import _unit_shape
+    from cmrtool.compile.run import _unit_shape
 
     g = torch.Generator().manual_seed(zlib.crc32(b"validate"))
     pool = [(s, j) for s in sites for j in range(s.width)]

@@ -681,9 +681,9 @@ def verify(
     """
     import contextlib
 
-    from cmrtool.compile import clamp_edits, site_ranks
+    from cmrtool.compile.run import clamp_edits, site_ranks
     from cmrtool.errors import UsageError
-    from cmrtool.export import onnx_parity
+    from cmrtool.compile.export import onnx_parity
 
     plan = _check_pair(original, reduced)
     planned = [s.name for s in plan.sites]

@@ -5,7 +5,7 @@ unit's constant from the criterion (``replacement="auto"``), the calibration mea
 or zero (``"zero"``: plain deletion without folding a meaningful constant, the baseline that
 shows what folding buys).
 
-:func:`compile_model` folds the plan (:func:`cmrtool.fold.fold`, a pure function), writes the
+:func:`compile_model` folds the plan (:func:`cmrtool.compile.fold.fold`, a pure function), writes the
 checkpoint to an unnamed temporary file (or a temporary directory), reloads it with the
 backend that wrote it (``model.reopen``) and measures the **fold error**
 ``max |R(x) − O_clamped(x)|`` on a check batch, where ``O_clamped`` is the original with
@@ -31,7 +31,7 @@ import torch
 from cmrtool import __version__, distributed
 from cmrtool.criteria import ALLOCATIONS, REGISTRY, REPLACEMENT_MODES, get_criterion
 from cmrtool.errors import CmrError, InputError, UnsupportedModelError, UsageError
-from cmrtool.fold import fold, unit_rows
+from cmrtool.compile.fold import fold, unit_rows
 from cmrtool.io import atomic_dir, atomic_write
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.scoring import ScoreReport
@@ -41,7 +41,7 @@ from cmrtool.sites import Site
 COMPILE_SCHEMA_VERSION = 1  # of the compile --json document (DESIGN §7)
 
 if TYPE_CHECKING:
-    from cmrtool.export import OnnxReport
+    from cmrtool.compile.export import OnnxReport
 
 __all__ = [
     "REPLACEMENTS", "make_plan", "with_affine", "with_constants", "compose", "check_allocation", "clamp_edits",
@@ -425,7 +425,7 @@ def compile_model(
     Returns:
         a :class:`CompileReport`.
     """
-    from cmrtool.export import export_onnx
+    from cmrtool.compile.export import export_onnx
 
     tensors = model.tensors()
     result = fold(tensors, model.sites, plan)
