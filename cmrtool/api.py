@@ -160,7 +160,7 @@ def score(
     from cmrtool.scoring import score_model, select_sites
     from cmrtool.sensitivity import check_curvature, check_loss
 
-    from cmrtool.affine import check_parents, check_ridge
+    from cmrtool.reduce.affine import check_parents, check_ridge
 
     _single_stdin(path, calib)
     get_criterion(criterion)
@@ -241,12 +241,12 @@ def compile(
     nn.Modules), a Hugging Face directory (ends with ``/``; Hugging Face inputs whose layers keep
     equal widths), or ``.onnx``; ``onnx`` additionally exports the reduced model to that file.
     """
-    from cmrtool.affine import check_parents, check_ridge
+    from cmrtool.reduce.affine import check_parents, check_ridge
     from cmrtool.compile.run import check_allocation, compile_model, output_kind
     from cmrtool.criteria import AFFINE_MODES, REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
     from cmrtool.io import check_output_name, check_output_path, read_bytes
-    from cmrtool.selection import validate_keep
+    from cmrtool.reduce.selection import validate_keep
     from cmrtool.sensitivity import check_curvature, check_loss
 
     # Validate everything cheap before loading anything.
@@ -328,7 +328,7 @@ def compile(
     report = _read_scores(scores, model.sha256, read_bytes)
     options = dict(criterion=criterion, replacement=replacement, allocation=allocation, joint_refit=joint_refit,
                    parents=parents, ridge=ridge, curvature=curvature, seed=seed, batch_size=batch_size, loss=loss)
-    from cmrtool.reduce import plan_reduction
+    from cmrtool.reduce.planner import plan_reduction
 
     plan = plan_reduction(model, data, chosen, report, keep, keep_count, round_to, schedule, progress or _no_progress, **options)
     plan = dataclasses.replace(plan, source_sha256=model.sha256)
@@ -363,7 +363,7 @@ def _foldable_sites(
     error when named explicitly); keep-count checked against every width before any scoring."""
     from cmrtool.errors import InputError
     from cmrtool.scoring import select_sites
-    from cmrtool.selection import kept_width
+    from cmrtool.reduce.selection import kept_width
 
     explicit = bool(sites)
     chosen = select_sites(model.sites, sites, kinds)

@@ -166,7 +166,7 @@ def score(
     from cmrtool import api, render
     from cmrtool.distributed import is_writer
     from cmrtool.io import atomic_write_bytes, check_output_path
-    from cmrtool.selection import choose_kept, kept_width, validate_keep
+    from cmrtool.reduce.selection import choose_kept, kept_width, validate_keep
 
     out = _output(json_mode, quiet)
     validate_keep(keep, keep_count, round_to)

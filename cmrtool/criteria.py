@@ -240,9 +240,9 @@ def cmr_const(ev: Evidence) -> CriterionResult:
 
 @register("cmr-affine", "½·mean curvature·ridge residual variance of the unit on its r most correlated peers (affine replacement)", frozenset({"moments", "cov", "curv"}))
 def cmr_affine(ev: Evidence) -> CriterionResult:
-    from cmrtool.affine import peer_residual_variance
+    from cmrtool.reduce.affine import peer_residual_variance
 
-    from cmrtool.affine import conditional_variance
+    from cmrtool.reduce.affine import conditional_variance
 
     assert ev.comoments is not None and ev.curvature is not None
     hbar = ev.curvature.h / max(ev.curvature.count, 1)
@@ -268,7 +268,7 @@ def gndi(ev: Evidence) -> CriterionResult:
 
 @register("peer", "(1 − R²)·Var·‖W_c‖²: logit distortion left after predicting the unit from its peers", frozenset({"moments", "cov"}))
 def peer(ev: Evidence) -> CriterionResult:
-    from cmrtool.affine import conditional_variance
+    from cmrtool.reduce.affine import conditional_variance
 
     assert ev.comoments is not None
     return CriterionResult(conditional_variance(ev.comoments.cov, ev.ridge) * ev.col_sq_norms, ev.moments.mean.clone(), kind="affine")
@@ -279,7 +279,7 @@ def cmr_lsq(ev: Evidence) -> CriterionResult:
     # Compensation-aware: a unit scores by the distortion its removal adds once it and the units
     # removed before it are refit on the kept ones (cmrtool.lsq.greedy_removal). The kept set at
     # any keep fraction is the greedy's, since its removal order is nested.
-    from cmrtool.lsq import greedy_removal, removal_scores
+    from cmrtool.reduce.lsq import greedy_removal, removal_scores
 
     assert ev.comoments is not None and ev.consumer_weights is not None
     order, added = greedy_removal(ev.comoments.cov, ev.consumer_weights, ev.ridge)

@@ -11,7 +11,7 @@ Replacements (DESIGN §3.2–3.4):
   unit takes ``group`` consecutive values: the head's mean output vector (appendix A.6).
 - ``affine``: unit ``replaced[i]`` becomes ``values[i] + coefficients[i]·a[parents[i]]``; folds
   as ``W'[:, P] += W[:, j] βᵀ``, ``b' += W[:, j] β0`` (Theorem 1, affine case).
-- ``affine`` with a **dense matrix** (every kept unit is a parent, :mod:`cmrtool.lsq`): the
+- ``affine`` with a **dense matrix** (every kept unit is a parent, :mod:`cmrtool.reduce.lsq`): the
   replaced units become ``values + B a_K`` with B of shape ``(|S|·group, |K|·group)``, stored as
   one block of little-endian float32 (base64 in JSON, ~5.3 bytes per coefficient), not as
   per-unit lists. The fit is float64; B is rounded to float32 once, when the plan is made, and

@@ -1,6 +1,6 @@
 """Where a plan travels in each output format: its JSON, and its large tensors beside it.
 
-A plan's dense affine matrices (:mod:`cmrtool.lsq`, CMR appendix A.5: the replaced units become
+A plan's dense affine matrices (:mod:`cmrtool.reduce.lsq`, CMR appendix A.5: the replaced units become
 ``values + B a_K``) hold |S|·|K| float32 coefficients per site: 71 MB for a 135M LLaMA at FFN
 keep 0.5, 6.6 GB for a Llama-3-8B. In base64 JSON that would break the 100 MB limit of a
 safetensors header and make every plan reader parse gigabytes of text. So a plan whose matrices

@@ -15,7 +15,7 @@ from cmrtool.compile.run import compile_model, compose, make_plan
 from cmrtool.data import Dataset
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan
-from cmrtool.refit import joint_constants
+from cmrtool.reduce.refit import joint_constants
 from cmrtool.scoring import score_model
 from cmrtool.sensitivity import closed_form_weight, site_sensitivity
 from cmrtool.stats import CurvatureSums

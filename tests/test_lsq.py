@@ -1,4 +1,4 @@
-"""Least-squares compensation (cmrtool.lsq, CMR A.5): the dense ridge fit against its closed
+"""Least-squares compensation (cmrtool.reduce.lsq, CMR A.5): the dense ridge fit against its closed
 form, the exactness of every dense fold (TorchScript cases, gated and plain FFNs, GQA heads),
 the plan's compact matrix round-trip, the cmr-lsq criterion's invariances, and clean usage
 errors for the new options."""
@@ -13,7 +13,7 @@ from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile.run import compile_model
 from cmrtool.criteria import Evidence, get_criterion
 from cmrtool.errors import InputError
-from cmrtool.lsq import dense_fit, greedy_removal, removal_scores, residual_covariance
+from cmrtool.reduce.lsq import dense_fit, greedy_removal, removal_scores, residual_covariance
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.stats import Comoments, Moments
 

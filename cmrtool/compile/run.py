@@ -1,6 +1,6 @@
 """Compile: scores → plan → folded tensors → a smaller checkpoint, checked against the original.
 
-:func:`make_plan` selects kept units per site (:mod:`cmrtool.selection`) and takes each replaced
+:func:`make_plan` selects kept units per site (:mod:`cmrtool.reduce.selection`) and takes each replaced
 unit's constant from the criterion (``replacement="auto"``), the calibration mean (``"mean"``)
 or zero (``"zero"``: plain deletion without folding a meaningful constant, the baseline that
 shows what folding buys).
@@ -35,7 +35,7 @@ from cmrtool.compile.fold import fold, unit_rows
 from cmrtool.io import atomic_dir, atomic_write
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.scoring import ScoreReport
-from cmrtool.selection import choose_kept, kept_width, validate_keep
+from cmrtool.reduce.selection import choose_kept, kept_width, validate_keep
 from cmrtool.sites import Site
 
 COMPILE_SCHEMA_VERSION = 1  # of the compile --json document (DESIGN §7)
@@ -122,7 +122,7 @@ def make_plan(
         round_to: keep a multiple of this many units.
         replacement: ``auto`` (the criterion's), ``mean``, ``zero``, ``optimal`` (c* of eq. (7),
             needs curvature in the scores). ``affine`` is fitted afterwards by
-            :func:`cmrtool.affine.fit_affine` (the plan then holds the means as placeholders).
+            :func:`cmrtool.reduce.affine.fit_affine` (the plan then holds the means as placeholders).
         allocation: ``site`` (each site keeps its share) or ``global``.
         counts: explicit kept units per site (overrides keep/keep_count; used by schedules).
     """
@@ -185,7 +185,7 @@ def make_plan(
 
 
 def with_affine(plan: Plan, fits: Mapping[str, Any]) -> Plan:
-    """``plan`` with the affine replacements of :func:`cmrtool.affine.fit_affine`: per site a
+    """``plan`` with the affine replacements of :func:`cmrtool.reduce.affine.fit_affine`: per site a
     :class:`Replacement` (dense, every kept unit a parent) or ``(intercepts, parents, coefficients)``."""
     sites = []
     for sp in plan.sites:

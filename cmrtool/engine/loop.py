@@ -223,7 +223,7 @@ def run_blocks(
         log: one line per block (tokens/s, resident memory).
     """
     from cmrtool.backends.hfout import zero_replacements
-    from cmrtool.reduce import plan_reduction
+    from cmrtool.reduce.planner import plan_reduction
 
     compiling = plan_args is not None
     bs = options.batch_for(int(calib.mask.shape[1]))

@@ -7,7 +7,7 @@ after the site; measured: joint refit took the digits ConvNet from 88% to 27% ac
 site's fitted replacement is shrunk towards the per-unit constants it started from,
 ``start + t·(fitted − start)``, with t ∈ {1, ½, ¼, ⅛, 0} chosen by the clamped original's KL to
 its own predictions on calibration data: a fit is kept only as far as it helps fidelity.
-Dense affine fits (``--parents all``, :mod:`cmrtool.lsq`) are not shrunk: they are least-squares
+Dense affine fits (``--parents all``, :mod:`cmrtool.reduce.lsq`) are not shrunk: they are least-squares
 projections of the site's own activations (never a worse reconstruction than the means on
 calibration data), and the shrink's 5 clamped passes per site are what made it slow at LLM scale.
 
@@ -63,7 +63,7 @@ def _one_step(
             raise UsageError("--joint-refit refits constants; it does not apply to affine replacements", "drop --joint-refit or choose a constant replacement")
         if data is None:
             raise UsageError("affine replacements are fitted on calibration data", "pass --calib")
-        from cmrtool.affine import fit_affine
+        from cmrtool.reduce.affine import fit_affine
 
         rep = {sp.name: list(sp.replaced) for sp in plan.sites}
         kept = {sp.name: list(sp.kept) for sp in plan.sites}
@@ -74,7 +74,7 @@ def _one_step(
         fitted = with_affine(plan, fits)
         plan = fitted if parents is None else _shrink(model, data, plan, fitted, batch_size)
     if joint_refit:
-        from cmrtool.refit import joint_constants
+        from cmrtool.reduce.refit import joint_constants
 
         constants = {}
         with progress("joint refit", data.n * len(sites)) as advance:

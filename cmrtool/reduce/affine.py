@@ -19,7 +19,7 @@ the setting does not depend on the activations' scale. Folding: ``W'[:, P] += W[
 
 With ``parents=None`` (the default, ``--parents all``) every kept unit of the site is a parent:
 one unweighted ridge fit per site from its streamed covariance, solved for all replaced units
-at once (:func:`cmrtool.lsq.dense_fit`; per-unit curvature weights would need one |K|×|K|
+at once (:func:`cmrtool.reduce.lsq.dense_fit`; per-unit curvature weights would need one |K|×|K|
 system per replaced unit). Sites are gathered a few at a time so that at most
 ``gram_budget`` bytes of float64 covariance are held (one site at a time when a site's alone
 exceeds it). Heads are fitted over their channels: a replaced head's (or key/value group's)
@@ -245,7 +245,7 @@ def fit_dense(
     freed as soon as its fit is made. ``progress`` counts ``data.n`` in total.
     """
     from cmrtool.compile.fold import unit_rows
-    from cmrtool.lsq import fit_blocks
+    from cmrtool.reduce.lsq import fit_blocks
 
     todo = [s for s in sites if replaced[s.name]]
     out: dict[str, Replacement] = {}
