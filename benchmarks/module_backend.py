@@ -71,7 +71,7 @@ def onnx_parity(tmp: Path) -> None:
 
 def score_overhead(repeats: int = 7) -> None:
     """Score time / plain forward time over the calibration data, hooks capturing every site."""
-    from cmrtool.scoring import score_model
+    from cmrtool.score.scoring import score_model
 
     print("| sample | sites | score (ms) | plain forward (ms) | ratio (median of pairs) |")
     print("|---|---|---:|---:|---:|")

@@ -9,7 +9,7 @@ For criteria that need loss gradients and curvature (``cmr-const``, ``cmr-affine
 ``gndi``), the reference is one forward+backward pass: the loaded module's forward over the same
 batches and the backward of the cross-entropy loss into every parameter. Target for
 ``cmr-const``: ≤ 3. The plain pass runs the loaded TorchScript module on the calibration batches
-already in memory; the score pass is ``cmrtool.scoring.score_model`` end to end (reading batches
+already in memory; the score pass is ``cmrtool.score.scoring.score_model`` end to end (reading batches
 from disk, capturing site values, float64 statistics, the criterion). Target for ``cmr-logit``:
 ≤ 2.0. ``--scale K`` repeats the calibration data K times to show the per-sample cost.
 """
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from cmrtool import api  # noqa: E402
 from cmrtool.backends.torchscript import TorchScriptModel  # noqa: E402
 from cmrtool.data import Dataset  # noqa: E402
-from cmrtool.scoring import score_model  # noqa: E402
+from cmrtool.score.scoring import score_model  # noqa: E402
 
 SAMPLES = ROOT / "samples"
 MODELS = [

@@ -149,16 +149,16 @@ def score(
     max_memory: str | int | None = None,
     work_dir: str | Path | None = None,
 ) -> Any:
-    """Score every unit of the selected sites (:class:`cmrtool.scoring.ScoreReport`).
+    """Score every unit of the selected sites (:class:`cmrtool.score.scoring.ScoreReport`).
 
     A Hugging Face decoder or encoder directory is scored block by block (:mod:`cmrtool.engine`):
     statistics of the original model, padding excluded, in memory bounded by ``max_memory``
     (``calibration`` matters only to compile; it is accepted here for symmetry).
     """
-    from cmrtool.criteria import get_criterion
+    from cmrtool.score.criteria import get_criterion
     from cmrtool.data import open_data
-    from cmrtool.scoring import score_model, select_sites
-    from cmrtool.sensitivity import check_curvature, check_loss
+    from cmrtool.score.scoring import score_model, select_sites
+    from cmrtool.score.sensitivity import check_curvature, check_loss
 
     from cmrtool.reduce.affine import check_parents, check_ridge
 
@@ -218,7 +218,7 @@ def compile(
 ) -> Any:
     """Reduce a model and write the smaller checkpoint (:class:`cmrtool.compile.run.CompileReport`).
 
-    Scores come from ``scores`` (a :class:`~cmrtool.scoring.ScoreReport`, or the path of a
+    Scores come from ``scores`` (a :class:`~cmrtool.score.scoring.ScoreReport`, or the path of a
     ``score --json`` document, ``-`` for stdin) or are computed on ``calib``. With ``calib`` the
     written model's fold error is measured on its first ``check_samples`` samples.
 
@@ -243,11 +243,11 @@ def compile(
     """
     from cmrtool.reduce.affine import check_parents, check_ridge
     from cmrtool.compile.run import check_allocation, compile_model, output_kind
-    from cmrtool.criteria import AFFINE_MODES, REPLACEMENT_MODES, get_criterion
+    from cmrtool.score.criteria import AFFINE_MODES, REPLACEMENT_MODES, get_criterion
     from cmrtool.data import open_data
     from cmrtool.io import check_output_name, check_output_path, read_bytes
     from cmrtool.reduce.selection import validate_keep
-    from cmrtool.sensitivity import check_curvature, check_loss
+    from cmrtool.score.sensitivity import check_curvature, check_loss
 
     # Validate everything cheap before loading anything.
     validate_keep(keep, keep_count, round_to)
@@ -362,7 +362,7 @@ def _foldable_sites(
     """The selected sites that can be folded (unfoldable ones skipped with a warning, or an
     error when named explicitly); keep-count checked against every width before any scoring."""
     from cmrtool.errors import InputError
-    from cmrtool.scoring import select_sites
+    from cmrtool.score.scoring import select_sites
     from cmrtool.reduce.selection import kept_width
 
     explicit = bool(sites)
@@ -384,9 +384,9 @@ def _foldable_sites(
 
 
 def _read_scores(scores: Any, sha256: str, read: Callable[[Any], bytes]) -> Any:
-    """The :class:`~cmrtool.scoring.ScoreReport` given as a path (or ``-``), an object, or None."""
+    """The :class:`~cmrtool.score.scoring.ScoreReport` given as a path (or ``-``), an object, or None."""
     from cmrtool.errors import InputError
-    from cmrtool.scoring import ScoreReport
+    from cmrtool.score.scoring import ScoreReport
 
     if not isinstance(scores, (str, Path)):
         return scores
@@ -452,7 +452,7 @@ def _input_files(*paths: str | Path | None) -> list[str | Path]:
 
 
 def _criterion_of(scores: Any, read: Callable[[Any], bytes]) -> str:
-    from cmrtool.scoring import ScoreReport
+    from cmrtool.score.scoring import ScoreReport
 
     if isinstance(scores, (str, Path)):
         return str(ScoreReport.loads(read(scores)).criterion)
@@ -557,9 +557,9 @@ def audit(
 ) -> Any:
     """Reparameterization audit and criterion validation (:class:`cmrtool.studies.audit.AuditReport`)."""
     from cmrtool.studies.audit import audit as run_audit
-    from cmrtool.criteria import parse_criteria
+    from cmrtool.score.criteria import parse_criteria
     from cmrtool.data import open_data
-    from cmrtool.scoring import select_sites
+    from cmrtool.score.scoring import select_sites
 
     criteria = parse_criteria(criteria)
     if not 0 < keep < 1:
@@ -618,7 +618,7 @@ def sweep(
     """
     from cmrtool.errors import InputError
     from cmrtool.io import check_output_path, require_file
-    from cmrtool.criteria import parse_criteria
+    from cmrtool.score.criteria import parse_criteria
     from cmrtool.studies.sweep import model_path_for, parse_keeps, run_sweep
 
     # Everything cheap is checked before the first compile.

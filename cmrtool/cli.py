@@ -22,7 +22,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cmrtool import __version__
-from cmrtool.criteria import ALLOCATIONS, DEFAULT_CRITERION, REGISTRY, REPLACEMENT_MODES
+from cmrtool.score.criteria import ALLOCATIONS, DEFAULT_CRITERION, REGISTRY, REPLACEMENT_MODES
 from cmrtool.errors import CmrError, Interrupted
 
 __all__ = ["app", "main"]

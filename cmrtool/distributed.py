@@ -8,14 +8,14 @@ rank 0 prints results and writes files.
 
 **Sharding, and why the result is exactly the single-process one.** The single-process pass cuts
 the data into batches ``b = 0, 1, …`` of ``--batch-size`` rows and folds each batch's partial
-``(count, mean, M2)`` into float64 :class:`~cmrtool.stats.Moments`, in that order. The
+``(count, mean, M2)`` into float64 :class:`~cmrtool.score.stats.Moments`, in that order. The
 distributed pass cuts the same batches (boundaries at multiples of the batch size) and deals
 them out in rounds of ``R · N`` batches: in round k, rank r computes the R consecutive batches
 that start at batch ``(k·N + r)·R`` (R is the read-ahead chunk, at most 16 batches, and smaller
 when the data is small so that every rank gets work). A batch's partial comes from the same graph
 on the same rows, so it is bit-identical to the single-process one. After each round the partials
 are all-gathered (float64 holds float32 exactly) and every rank folds all of them in global batch
-order: the same sequence of :meth:`~cmrtool.stats.Moments.add_partial` calls as the
+order: the same sequence of :meth:`~cmrtool.score.stats.Moments.add_partial` calls as the
 single-process pass, hence bit-identical statistics, scores and plans on every rank. This holds
 for the same ``--threads`` (the intra-op thread count can change float32 reductions; torchrun
 sets one thread per rank unless told otherwise). Memory per rank: one round of partials,

@@ -7,10 +7,10 @@ import torch
 from helpers import CASES, TinyMLP, build, inputs_for, save_ts, write_data
 
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.criteria import REGISTRY, get_criterion
+from cmrtool.score.criteria import REGISTRY, get_criterion
 from cmrtool.data import Dataset
 from cmrtool.errors import UsageError
-from cmrtool.scoring import score_model
+from cmrtool.score.scoring import score_model
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from cmrtool.data import Dataset
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.reduce.refit import joint_constants
-from cmrtool.scoring import score_model
-from cmrtool.sensitivity import closed_form_weight, site_sensitivity
-from cmrtool.stats import CurvatureSums
+from cmrtool.score.scoring import score_model
+from cmrtool.score.sensitivity import closed_form_weight, site_sensitivity
+from cmrtool.score.stats import CurvatureSums
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_sampled_curvature_is_unbiased(tiny):
 def test_curvature_is_cancellation_free_on_saturated_softmax():
     w = torch.tensor([[1e4, 0.0], [0.0, 1.0], [-3.0, 2.0]], dtype=torch.float64)  # (q, width)
     p = torch.tensor([[1 - 1e-12, 5e-13, 5e-13]], dtype=torch.float64)
-    from cmrtool.sensitivity import _closed_form
+    from cmrtool.score.sensitivity import _closed_form
 
     h = _closed_form(torch.zeros(1, 2), p, None, w, False, True, False).curv
     naive = p @ w.square() - (p @ w).square()

@@ -24,7 +24,7 @@ from cmrtool.data import Dataset  # noqa: E402
 from cmrtool.errors import UsageError  # noqa: E402
 from cmrtool.compile.fold import fold  # noqa: E402
 from cmrtool.reduce.planner import plan_reduction  # noqa: E402
-from cmrtool.scoring import score_model, select_sites  # noqa: E402
+from cmrtool.score.scoring import score_model, select_sites  # noqa: E402
 
 VOCAB = 40
 

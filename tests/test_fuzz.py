@@ -28,7 +28,7 @@ from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.data import Dataset
 from cmrtool.errors import CmrError
 from cmrtool.plan import Plan, Replacement, SitePlan
-from cmrtool.scoring import ScoreReport, SiteScores
+from cmrtool.score.scoring import ScoreReport, SiteScores
 
 
 def fuzz(examples: int) -> settings:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile.run import make_plan
 from cmrtool.data import Dataset
-from cmrtool.scoring import score_model
+from cmrtool.score.scoring import score_model
 from cmrtool.testing.models import digits_convnet, digits_mlp
 
 # site -> (producer-side tensors scaled by s, consumer weight scaled by 1/s on axis 1)

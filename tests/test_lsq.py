@@ -11,11 +11,11 @@ from helpers import CASES, SAMPLES, build, dense_plan, inputs_for, save_ts
 
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile.run import compile_model
-from cmrtool.criteria import Evidence, get_criterion
+from cmrtool.score.criteria import Evidence, get_criterion
 from cmrtool.errors import InputError
 from cmrtool.reduce.lsq import dense_fit, greedy_removal, removal_scores, residual_covariance
 from cmrtool.plan import Plan, Replacement, SitePlan
-from cmrtool.stats import Comoments, Moments
+from cmrtool.score.stats import Comoments, Moments
 
 
 def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

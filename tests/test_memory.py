@@ -13,7 +13,7 @@ import torch
 from helpers import write_data
 
 from cmrtool.data import Dataset
-from cmrtool.stats import Moments
+from cmrtool.score.stats import Moments
 
 
 def _rss_file_kib() -> int:

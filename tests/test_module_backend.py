@@ -18,7 +18,7 @@ from cmrtool.errors import InputError, UsageError
 from cmrtool.io import check_output_path
 from cmrtool.compile.fold import fold
 from cmrtool.plan import Plan
-from cmrtool.scoring import score_model, select_sites
+from cmrtool.score.scoring import score_model, select_sites
 
 ARCH = "cmrtool.testing.models:{}"
 

@@ -10,7 +10,7 @@ from cmrtool.compile.run import make_plan
 from cmrtool.data import Dataset
 from cmrtool.errors import InputError
 from cmrtool.plan import Plan, Replacement, SitePlan
-from cmrtool.scoring import score_model
+from cmrtool.score.scoring import score_model
 
 
 def _plan(criterion="cmr-logit", seed=0):

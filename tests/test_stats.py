@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cmrtool.stats import Moments, as_samples
+from cmrtool.score.stats import Moments, as_samples
 
 
 @settings(max_examples=40, deadline=None)

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cmrtool import __version__, distributed
-from cmrtool.criteria import ALLOCATIONS, REGISTRY, REPLACEMENT_MODES, get_criterion
+from cmrtool.score.criteria import ALLOCATIONS, REGISTRY, REPLACEMENT_MODES, get_criterion
 from cmrtool.errors import CmrError, InputError, UnsupportedModelError, UsageError
 from cmrtool.compile.fold import fold, unit_rows
 from cmrtool.io import atomic_dir, atomic_write
 from cmrtool.plan import Plan, Replacement, SitePlan
-from cmrtool.scoring import ScoreReport
+from cmrtool.score.scoring import ScoreReport
 from cmrtool.reduce.selection import choose_kept, kept_width, validate_keep
 from cmrtool.sites import Site
 
@@ -115,7 +115,7 @@ def make_plan(
     """Choose kept units per site and their (constant) replacements.
 
     Args:
-        scores: the output of :func:`cmrtool.scoring.score_model` (or ``score --json``).
+        scores: the output of :func:`cmrtool.score.scoring.score_model` (or ``score --json``).
         sites: the sites to reduce; each must be in ``scores``.
         keep: fraction of each site's units to keep (of all units with ``allocation="global"``).
         keep_count: number of units to keep per site (in total with ``allocation="global"``).

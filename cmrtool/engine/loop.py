@@ -50,7 +50,7 @@ from cmrtool.engine.options import EngineOptions
 from cmrtool.errors import CmrError
 from cmrtool.compile.fold import fold
 from cmrtool.plan import Plan, SitePlan
-from cmrtool.scoring import ScoreReport, SiteScores, score_model
+from cmrtool.score.scoring import ScoreReport, SiteScores, score_model
 from cmrtool.sites import Site
 
 __all__ = ["BlockRun", "Calibration", "run_blocks", "calibration_inputs", "scratch", "fold_error_of", "check_exact"]

@@ -21,14 +21,14 @@ import torch
 
 from cmrtool import distributed
 from cmrtool.compile.run import CompileReport
-from cmrtool.criteria import REGISTRY, get_criterion
+from cmrtool.score.criteria import REGISTRY, get_criterion
 from cmrtool.engine.blocks import BlockStack
 from cmrtool.engine.loop import BlockRun, calibration_inputs, check_exact, fold_error_of, run_blocks, scratch
 from cmrtool.engine.options import EngineOptions
 from cmrtool.engine.writer import StreamWriter
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan
-from cmrtool.scoring import ScoreReport
+from cmrtool.score.scoring import ScoreReport
 from cmrtool.sites import Site
 
 __all__ = ["EngineCompileReport", "check_supported", "score_dir", "compile_dir"]

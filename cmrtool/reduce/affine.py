@@ -8,7 +8,7 @@ calibration data. The coefficients solve the curvature-weighted ridge problem of
     ⇒  (Φᵀ D Φ + λ I_P) θ = Φᵀ D a − Φᵀ g,      D = diag(h)
 
 with g, h the per-sample loss gradient and Gauss-Newton curvature of the unit
-(:mod:`cmrtool.sensitivity`). cmrtool fits with the curvature weights but leaves the gradient
+(:mod:`cmrtool.score.sensitivity`). cmrtool fits with the curvature weights but leaves the gradient
 term out (g = 0, the mean-stationarity condition of Lemma 1): on calibration data that the model
 fits, g is tiny wherever h is, and the term then dominates the solution (measured on the digits
 MLP at keep 0.5: 25% accuracy with it, 96.7% without). Unweighted (h = 1) it is ordinary ridge
@@ -35,9 +35,9 @@ import torch
 
 from cmrtool.data import Dataset
 from cmrtool.plan import Replacement
-from cmrtool.sensitivity import closed_form_weight, site_generator, site_sensitivity
+from cmrtool.score.sensitivity import closed_form_weight, site_generator, site_sensitivity
 from cmrtool.sites import Site
-from cmrtool.stats import Comoments, as_samples
+from cmrtool.score.stats import Comoments, as_samples
 
 __all__ = [
     "conditional_variance",

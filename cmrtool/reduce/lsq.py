@@ -66,7 +66,7 @@ def _cholesky(a: torch.Tensor, lam: float) -> torch.Tensor:
 
 def _block(cov: Any, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``cov[rows][:, cols]`` in float64, gathered directly (a tensor, or an accumulator with
-    ``block(rows, cols)`` such as :class:`cmrtool.stats.Comoments`)."""
+    ``block(rows, cols)`` such as :class:`cmrtool.score.stats.Comoments`)."""
     if isinstance(cov, torch.Tensor):
         return cov[rows[:, None], cols[None, :]].to(torch.float64)
     return cov.block(rows, cols)

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from cmrtool.compile.run import compose, make_plan, with_affine, with_constants
-from cmrtool.criteria import AFFINE_MODES
+from cmrtool.score.criteria import AFFINE_MODES
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan
-from cmrtool.scoring import ScoreReport, score_model
+from cmrtool.score.scoring import ScoreReport, score_model
 from cmrtool.sites import Site
 
 __all__ = ["plan_reduction"]

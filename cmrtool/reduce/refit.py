@@ -13,7 +13,7 @@ rank-deficient: the logits see only a q-dimensional image of the |S| constants (
 through ``H_s``), so the solve is damped towards the per-unit constants c₀,
 ``(A + λI) c = b + λ c₀``, and c moves only along directions the curvature constrains. It is
 accumulated in one pass over the calibration data, with the same three ways to get J as the per-unit curvature
-(:mod:`cmrtool.sensitivity`): closed form for sites feeding the logits, one backward pass per
+(:mod:`cmrtool.score.sensitivity`): closed form for sites feeding the logits, one backward pass per
 class (exact), or one Monte-Carlo draw ``u = e_ŷ − p`` per sample (``H_s ≈ u uᵀ``).
 """
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cmrtool.data import Dataset
-from cmrtool.sensitivity import check_curvature, closed_form_weight, loss_labels, site_generator
+from cmrtool.score.sensitivity import check_curvature, closed_form_weight, loss_labels, site_generator
 from cmrtool.sites import Site
 
 __all__ = ["joint_constants"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from cmrtool import __version__
 from cmrtool.compile.run import make_plan
 from cmrtool.errors import UnsupportedModelError
-from cmrtool.scoring import score_model
+from cmrtool.score.scoring import score_model
 from cmrtool.sites import Site
 
 __all__ = ["AuditReport", "rescaled_tensors", "audit", "spearman", "kendall"]

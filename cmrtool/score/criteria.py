@@ -44,7 +44,7 @@ from cmrtool.sites import Consumer, Site
 if TYPE_CHECKING:  # torch is imported lazily so that ``cmrtool --help`` stays fast
     import torch
 
-    from cmrtool.stats import Comoments, CurvatureSums, Moments
+    from cmrtool.score.stats import Comoments, CurvatureSums, Moments
 
 __all__ = [
     "Evidence",

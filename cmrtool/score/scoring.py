@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from cmrtool import __version__, distributed
-from cmrtool.criteria import REGISTRY, Evidence, consumer_matrix, consumer_sq_norms, get_criterion
+from cmrtool.score.criteria import REGISTRY, Evidence, consumer_matrix, consumer_sq_norms, get_criterion
 from cmrtool.data import Batch, Dataset
 from cmrtool.errors import InputError, UsageError
-from cmrtool.groups import GroupMoments, new_moments, score_grouped
+from cmrtool.score.groups import GroupMoments, new_moments, score_grouped
 from cmrtool.sites import Site
-from cmrtool.stats import Moments
+from cmrtool.score.stats import Moments
 
 __all__ = [
     "SCORES_SCHEMA_VERSION",
@@ -305,7 +305,7 @@ def score_model(
         >>> report = score_model(load_model("samples/digits_mlp.pt"), data, "cmr-logit")
         >>> report.site("body.3").scores[:3]
     """
-    from cmrtool.evidence import collect_evidence
+    from cmrtool.score.evidence import collect_evidence
 
     crit = get_criterion(criterion)
     sites = list(sites) if sites is not None else select_sites(model.sites)

@@ -1,14 +1,14 @@
 """Evidence: one streaming pass that gathers, per site, what a criterion needs.
 
-- ``moments``: count, mean, M2 (:class:`~cmrtool.stats.Moments`);
-- ``cov``: the co-moment matrix (:class:`~cmrtool.stats.Comoments`) for peer R² and affine fits;
+- ``moments``: count, mean, M2 (:class:`~cmrtool.score.stats.Moments`);
+- ``cov``: the co-moment matrix (:class:`~cmrtool.score.stats.Comoments`) for peer R² and affine fits;
 - ``grad`` / ``curv``: loss gradients and Gauss-Newton curvature per element
-  (:mod:`cmrtool.sensitivity`) folded into :class:`~cmrtool.stats.CurvatureSums`;
+  (:mod:`cmrtool.score.sensitivity`) folded into :class:`~cmrtool.score.stats.CurvatureSums`;
 - ``gndi``: per unit ``Σ_s ‖Σ_positions J_j (a_j − b_j)‖_p`` and per site ``Σ_s ‖J(a − b)‖_p``,
   with b the mean from the first pass (seed 003's G-NDI; exact Jacobians, one backward pass per
   class).
 
-When only moments are needed, :func:`cmrtool.scoring.collect_moments` is used: the backend
+When only moments are needed, :func:`cmrtool.score.scoring.collect_moments` is used: the backend
 reduces inside its graph (:meth:`cmrtool.backends.torchscript.TorchScriptModel.batch_moments`)
 and the pass can be sharded across torchrun ranks with bit-identical results. The other evidence
 is gathered in one process. Otherwise one capture per
@@ -26,9 +26,9 @@ import torch
 
 from cmrtool.data import Dataset
 from cmrtool.errors import InputError, UsageError
-from cmrtool.sensitivity import closed_form_weight, loss_labels, site_generator, site_sensitivity
+from cmrtool.score.sensitivity import closed_form_weight, loss_labels, site_generator, site_sensitivity
 from cmrtool.sites import Site
-from cmrtool.stats import Comoments, CurvatureSums, Moments
+from cmrtool.score.stats import Comoments, CurvatureSums, Moments
 
 __all__ = ["SiteEvidence", "collect_evidence"]
 
@@ -70,7 +70,7 @@ def collect_evidence(
     """Stream ``data`` through ``model`` and return per-site evidence for ``needs``."""
     if needs <= {"moments"}:
         # Moments only: the streaming pass that also runs sharded under torchrun, bit for bit.
-        from cmrtool.scoring import collect_moments
+        from cmrtool.score.scoring import collect_moments
 
         return {name: SiteEvidence(m) for name, m in collect_moments(model, data, sites, batch_size, progress, limit).items()}
     from cmrtool import distributed

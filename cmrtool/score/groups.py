@@ -28,9 +28,9 @@ from collections.abc import Mapping
 
 import torch
 
-from cmrtool.criteria import Criterion, CriterionResult, Evidence, consumer_sq_norms
+from cmrtool.score.criteria import Criterion, CriterionResult, Evidence, consumer_sq_norms
 from cmrtool.sites import Site
-from cmrtool.stats import as_samples
+from cmrtool.score.stats import as_samples
 
 __all__ = ["GroupMoments", "new_moments", "channel_view", "score_grouped", "head_quadratic"]
 
@@ -38,7 +38,7 @@ __all__ = ["GroupMoments", "new_moments", "channel_view", "score_grouped", "head
 class GroupMoments:
     """Per-group mean vectors and covariance matrices, accumulated in float64.
 
-    Duck-compatible with :class:`cmrtool.stats.Moments` (``width``, ``count``, ``mean``, ``m2``,
+    Duck-compatible with :class:`cmrtool.score.stats.Moments` (``width``, ``count``, ``mean``, ``m2``,
     ``var``, ``update_value``) over the ``groups·size`` channels, plus ``cov`` ``(groups, size, size)``.
     """
 
@@ -87,8 +87,8 @@ class GroupMoments:
 
 
 def new_moments(site: Site) -> object:
-    """The accumulator a site needs: :class:`~cmrtool.stats.Moments`, or grouped moments for heads."""
-    from cmrtool.stats import Moments
+    """The accumulator a site needs: :class:`~cmrtool.score.stats.Moments`, or grouped moments for heads."""
+    from cmrtool.score.stats import Moments
 
     return Moments(site.width) if site.group == 1 else GroupMoments(site.width, site.group)
 
