@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from cmrtool import api  # noqa: E402
 from cmrtool.backends import load_model  # noqa: E402
-from cmrtool.data import open_data  # noqa: E402
+from cmrtool.io.data import open_data  # noqa: E402
 
 SAMPLES = ROOT / "samples"
 CALIB, EVAL = SAMPLES / "calib.safetensors", SAMPLES / "eval.safetensors"

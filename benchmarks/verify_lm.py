@@ -97,7 +97,7 @@ def peak_rss(args: list[str], threads: int) -> tuple[int, float, dict]:
 _TIMING_CHILD = r"""
 import json, statistics, sys, time, torch
 from cmrtool import api
-from cmrtool.data import open_data
+from cmrtool.io.data import open_data
 from cmrtool.verify.report import verify
 orig, red, data_path, swaps, batch, pairs, threads, warm = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 api.configure(threads)

@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 if sys.argv[:1] == ["-m"] and __name__ == "cmrtool":  # ``python -m cmrtool`` is starting: Ctrl-C is
-    from cmrtool.interrupts import install_early  # recorded from here on (cmrtool.interrupts),
+    from cmrtool.io.interrupts import install_early  # recorded from here on (cmrtool.io.interrupts),
 
     install_early()  # not raised inside the imports; a library import leaves signals alone
 

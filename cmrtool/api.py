@@ -116,7 +116,7 @@ def inspect(
     arch: str | None = None,
 ) -> Any:
     """Sites, fold kinds, parameters and MACs of a model (:class:`cmrtool.measure.inspection.InspectReport`)."""
-    from cmrtool.data import open_data
+    from cmrtool.io.data import open_data
     from cmrtool.measure.inspection import example_inputs, inspect_model
 
     _single_stdin(path, calib)
@@ -156,7 +156,7 @@ def score(
     (``calibration`` matters only to compile; it is accepted here for symmetry).
     """
     from cmrtool.score.criteria import get_criterion
-    from cmrtool.data import open_data
+    from cmrtool.io.data import open_data
     from cmrtool.score.scoring import score_model, select_sites
     from cmrtool.score.sensitivity import check_curvature, check_loss
 
@@ -244,8 +244,8 @@ def compile(
     from cmrtool.reduce.affine import check_parents, check_ridge
     from cmrtool.compile.run import check_allocation, compile_model, output_kind
     from cmrtool.score.criteria import AFFINE_MODES, REPLACEMENT_MODES, get_criterion
-    from cmrtool.data import open_data
-    from cmrtool.io import check_output_name, check_output_path, read_bytes
+    from cmrtool.io.data import open_data
+    from cmrtool.io.files import check_output_name, check_output_path, read_bytes
     from cmrtool.reduce.selection import validate_keep
     from cmrtool.score.sensitivity import check_curvature, check_loss
 
@@ -480,8 +480,8 @@ def verify(
     The reduced model carries its plan, so only the two models and held-out data are needed.
     ``report.passed`` is False when a threshold fails (the CLI then exits with code 3).
     """
-    from cmrtool.data import open_data
-    from cmrtool.io import sha256_file
+    from cmrtool.io.data import open_data
+    from cmrtool.io.files import sha256_file
     from cmrtool.verify.report import Thresholds
     from cmrtool.verify.report import verify as run_verify
 
@@ -558,7 +558,7 @@ def audit(
     """Reparameterization audit and criterion validation (:class:`cmrtool.studies.audit.AuditReport`)."""
     from cmrtool.studies.audit import audit as run_audit
     from cmrtool.score.criteria import parse_criteria
-    from cmrtool.data import open_data
+    from cmrtool.io.data import open_data
     from cmrtool.score.scoring import select_sites
 
     criteria = parse_criteria(criteria)
@@ -617,7 +617,7 @@ def sweep(
         >>> [(r.criterion, r.keep, r.iia) for r in report.rows]
     """
     from cmrtool.errors import InputError
-    from cmrtool.io import check_output_path, require_file
+    from cmrtool.io.files import check_output_path, require_file
     from cmrtool.score.criteria import parse_criteria
     from cmrtool.studies.sweep import model_path_for, parse_keeps, run_sweep
 

@@ -165,7 +165,7 @@ def score(
 
     from cmrtool import api, render
     from cmrtool.distributed import is_writer
-    from cmrtool.io import atomic_write_bytes, check_output_path
+    from cmrtool.io.files import atomic_write_bytes, check_output_path
     from cmrtool.reduce.selection import choose_kept, kept_width, validate_keep
 
     out = _output(json_mode, quiet)
@@ -439,10 +439,10 @@ def _sigterm_interrupts() -> Iterator[None]:
     Ctrl-C does: exception handlers remove partial outputs, then ``error: interrupted``."""
 
     def handler(signum: int, frame: Any) -> None:
-        from cmrtool import interrupts
+        from cmrtool.io import interrupts
 
         if interrupts.committed() or not _ARMED[0]:
-            return  # the output has its name, or the outcome is being reported: finish (cmrtool.interrupts)
+            return  # the output has its name, or the outcome is being reported: finish (cmrtool.io.interrupts)
         raise Interrupted(signal.Signals(signum).name)
 
     try:
@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     Under torchrun every rank runs this; errors are agreed between ranks and printed once, by
     rank 0 (:mod:`cmrtool.distributed`).
     """
-    from cmrtool import distributed, interrupts
+    from cmrtool import distributed
+    from cmrtool.io import interrupts
 
     debug = os.environ.get("CMRTOOL_DEBUG", "") not in ("", "0")
     args = sys.argv[1:] if argv is None else argv
@@ -523,7 +524,7 @@ _OS_PROBLEMS = {
 
 def run() -> None:
     """Console-script entry point (``cmrtool.entry.run`` installs the signal handling first)."""
-    from cmrtool import interrupts
+    from cmrtool.io import interrupts
 
     try:
         code = main()

@@ -254,7 +254,7 @@ def gather_partials(
     rank's share with ``compute(batch)`` and receiving the others' (see the module docstring).
 
     Args:
-        data: a :class:`~cmrtool.data.Dataset`.
+        data: a :class:`~cmrtool.io.data.Dataset`.
         batch_size: rows per batch (the single-process batching).
         limit: use at most this many rows.
         compute: a batch's per-site ``(samples, mean, M2)``.

@@ -18,9 +18,9 @@ Replacements (DESIGN §3.2–3.4):
   the fold and the clamped original both read the stored values, so folding stays exact. Size:
   a plan holds |S|·|K| coefficients per site (a 135M LLaMA at keep 0.5: 17.7M, 71 MB of float32,
   94 MB in base64; a Llama-3-8B: 6.6 GB). So a plan with more than
-  :data:`cmrtool.planstore.INLINE_MATRIX_BYTES` of matrices keeps them **out of its JSON**: each
+  :data:`cmrtool.io.planstore.INLINE_MATRIX_BYTES` of matrices keeps them **out of its JSON**: each
   matrix becomes a tensor ``cmrtool.plan.<site>.matrix`` stored next to the plan
-  (:mod:`cmrtool.planstore`), and the JSON holds a reference ``matrix_ref`` = {tensor, shape,
+  (:mod:`cmrtool.io.planstore`), and the JSON holds a reference ``matrix_ref`` = {tensor, shape,
   dtype, sha256}; reading such a plan without its tensors, or with altered ones, is an error.
 """
 

@@ -32,7 +32,7 @@ def cli(capsys, monkeypatch):
             import io
 
             monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-            import cmrtool.io as cio
+            import cmrtool.io.files as cio
 
             monkeypatch.setattr(cio, "_stdin_cache", None)
         capsys.readouterr()

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, SAMPLES
 
-import cmrtool.io as cio
-from cmrtool.io import atomic_write, atomic_write_bytes
+import cmrtool.io.files as cio
+from cmrtool.io.files import atomic_write, atomic_write_bytes
 
 MLP = SAMPLES / "digits_mlp.pt"
 CALIB = SAMPLES / "calib.safetensors"
@@ -86,9 +86,9 @@ def test_nested_writes_go_straight_into_the_pending_file(tmp_path, mode):
 _SLOW_WRITER = r"""
 import sys, time, io
 import torch
-import cmrtool.io
+import cmrtool.io.files
 if sys.argv[1] == "named":
-    cmrtool.io._unnamed_file = lambda directory: None
+    cmrtool.io.files._unnamed_file = lambda directory: None
 real_save = torch.jit.save
 def slow_save(module, f, _extra_files=None):
     buf = io.BytesIO()

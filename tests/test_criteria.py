@@ -8,7 +8,7 @@ from helpers import CASES, TinyMLP, build, inputs_for, save_ts, write_data
 
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.score.criteria import REGISTRY, get_criterion
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.errors import UsageError
 from cmrtool.score.scoring import score_model
 

@@ -12,7 +12,7 @@ from cmrtool import api
 from cmrtool.studies.audit import kendall, rescaled_tensors, spearman
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile.run import compile_model, compose, make_plan
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.reduce.refit import joint_constants

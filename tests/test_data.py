@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import write_data
 
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.errors import InputError
 
 

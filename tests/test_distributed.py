@@ -15,7 +15,7 @@ import torch
 from helpers import ROOT, SAMPLES
 
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 
 MLP = SAMPLES / "digits_mlp.pt"
 CONVNET = SAMPLES / "digits_convnet.pt"

@@ -9,7 +9,7 @@ from helpers import CASES, SAMPLES, UNFOLDABLE, ZeroPadConv, build, inputs_for, 
 
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile.run import clamp_edits, compile_model, fold_error, make_plan, site_ranks
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.score.scoring import score_model
 
 # Expected discovery per case: site -> (kind, fold, consumer fold modes) for script and trace.

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.errors import CmrError
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.score.scoring import ScoreReport, SiteScores

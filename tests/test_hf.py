@@ -60,7 +60,7 @@ def hf(tmp_path_factory):
 
 
 def _inputs(data):
-    from cmrtool.data import Dataset
+    from cmrtool.io.data import Dataset
 
     return list(Dataset(data, ["input_ids", "attention_mask"], 1).all().inputs)
 

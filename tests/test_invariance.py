@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile.run import make_plan
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.score.scoring import score_model
 from cmrtool.testing.models import digits_convnet, digits_mlp
 

@@ -142,7 +142,7 @@ def test_hf_affine_compiles_exactly_and_reloads(hf, name, kind, replacement, cri
     reduced = load_reduced(out)
     assert reduced.plan.sites == r.plan.sites  # the matrix survives the safetensors metadata
     original = load_model(dirs[name])
-    from cmrtool.data import Dataset
+    from cmrtool.io.data import Dataset
 
     x = list(Dataset(data, ["input_ids", "attention_mask"], 1).all().inputs)
     baseline = "mean" if replacement == "affine" else "zero"  # the fit's own constant-only special case

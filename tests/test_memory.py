@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import write_data
 
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.score.stats import Moments
 
 

@@ -13,9 +13,9 @@ from cmrtool.backends import load_model
 from cmrtool.backends.checkpoint import load_reduced
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile.run import clamp_edits, compile_model, fold_error, make_plan, site_ranks
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.errors import InputError, UsageError
-from cmrtool.io import check_output_path
+from cmrtool.io.files import check_output_path
 from cmrtool.compile.fold import fold
 from cmrtool.plan import Plan
 from cmrtool.score.scoring import score_model, select_sites

@@ -14,7 +14,7 @@ from torch import nn
 
 from cmrtool import api
 from cmrtool.backends import load_model
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.compile.export import export_onnx
 
 CALIB, EVAL = SAMPLES / "calib.safetensors", SAMPLES / "eval.safetensors"

@@ -7,7 +7,7 @@ from helpers import SAMPLES
 
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile.run import make_plan
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.errors import InputError
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.score.scoring import score_model

@@ -1,4 +1,4 @@
-"""Plan storage (cmrtool.planstore): a large plan's dense affine matrices travel as tensors beside
+"""Plan storage (cmrtool.io.planstore): a large plan's dense affine matrices travel as tensors beside
 its JSON in every output format — a side file of a Hugging Face directory (block engine and
 whole-model path), extra tensors of one .safetensors, an extra file of a TorchScript archive,
 references with sha256 in ONNX metadata — small plans stay inline, and a plan whose side data is
@@ -16,7 +16,7 @@ from helpers import CASES, SAMPLES, build, dense_plan, inputs_for, save_ts
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cmrtool import planstore
+from cmrtool.io import planstore
 from cmrtool.backends import load_model
 from cmrtool.backends.checkpoint import load_reduced
 from cmrtool.backends.torchscript import PLAN_FILE, TorchScriptModel
@@ -86,7 +86,7 @@ def test_torchscript_keeps_a_large_plan_in_an_extra_file(external, tmp_path, cli
 
 
 def test_safetensors_and_onnx_outputs_carry_a_large_plan(external, tmp_path):
-    from cmrtool.data import Dataset
+    from cmrtool.io.data import Dataset
     from cmrtool.compile.onnxcheck import check_onnx_plan
 
     arch = "cmrtool.testing.models:digits_mlp"
@@ -172,7 +172,7 @@ def test_engine_directory_holds_the_matrices_beside_a_small_plan_and_verifies(wi
 def test_engine_single_file_and_whole_model_directory_round_trip(wide, tmp_path):
     from cmrtool import api
     from cmrtool.compile.run import fold_error
-    from cmrtool.data import Dataset
+    from cmrtool.io.data import Dataset
 
     model, data = wide
     out = tmp_path / "r.safetensors"

@@ -263,9 +263,9 @@ def test_two_concurrent_compiles_to_one_output_one_wins(tmp_path):
 
 @pytest.mark.parametrize("renameat2", [True, False])
 def test_a_directory_that_appears_meanwhile_is_never_replaced(tmp_path, monkeypatch, renameat2):
-    import cmrtool.noreplace as nr
+    import cmrtool.io.noreplace as nr
     from cmrtool.errors import UsageError
-    from cmrtool.io import atomic_dir
+    from cmrtool.io.files import atomic_dir
 
     if not renameat2:
         monkeypatch.setattr(nr, "_renameat2", lambda src, dest: False)  # the mkdir-claim fallback

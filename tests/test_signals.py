@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, SAMPLES
 
-from cmrtool.partials import MARKER, remove_stale_partials
+from cmrtool.io.partials import MARKER, remove_stale_partials
 
 CALIB = SAMPLES / "calib.safetensors"
 
@@ -62,7 +62,7 @@ def test_sigint_at_random_moments_is_always_clean(tmp_path):
 def test_a_signal_after_the_commit_lets_the_command_finish(tmp_path, cli, monkeypatch):
     """The output got its name, then Ctrl-C: the command completes with exit 0 (not 130 with an
     output on disk)."""
-    import cmrtool.io as cio
+    import cmrtool.io.files as cio
 
     real = cio._link_into_place
 
@@ -76,7 +76,7 @@ def test_a_signal_after_the_commit_lets_the_command_finish(tmp_path, cli, monkey
 
 
 def test_a_signal_before_the_commit_writes_nothing(tmp_path, cli, monkeypatch):
-    import cmrtool.io as cio
+    import cmrtool.io.files as cio
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -104,7 +104,7 @@ def test_stale_partial_directories_of_a_killed_run_are_removed(tmp_path):
         assert not stale.exists() and live.exists() and foreign.exists()
     finally:
         os.close(held)
-    from cmrtool.io import atomic_dir
+    from cmrtool.io.files import atomic_dir
 
     stale.mkdir()
     (stale / MARKER).write_text("1\n")

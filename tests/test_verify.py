@@ -14,7 +14,7 @@ from torch import nn
 from cmrtool import api
 from cmrtool.backends.torchscript import TorchScriptModel
 from cmrtool.compile.run import compile_model
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.swap import select
 from cmrtool.verify.report import _bernoulli, _Cache, _downstreams, interchange, margin_certificate, prepare_interchange, wilson

@@ -144,7 +144,7 @@ def test_token_swap_equals_a_direct_intervention(lm):
     level's logits at t must equal a full forward with that edit."""
     from cmrtool.verify.report import _generator
     from cmrtool.verify.lm import sample_mask, token_models
-    from cmrtool.data import open_data
+    from cmrtool.io.data import open_data
     from cmrtool.verify.token_swaps import draw_token_swaps
 
     root, ids, mask = lm
@@ -198,7 +198,7 @@ _MEMORY_CHILD = textwrap.dedent("""
     import cmrtool.verify.lm
     from cmrtool.backends import load_model
     from cmrtool.backends.checkpoint import load_reduced
-    from cmrtool.data import open_data
+    from cmrtool.io.data import open_data
     from cmrtool.verify.report import verify
     cmrtool.verify.lm._LOGIT_ELEMENTS = 1 << 18  # small head chunks, so the bound below is tight
     root = sys.argv[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cmrtool.errors import InputError, UsageError
-from cmrtool.io import STDIO
+from cmrtool.io.files import STDIO
 
 __all__ = ["load_model"]
 

@@ -7,7 +7,7 @@ A **reduced** checkpoint is the state dict of the reduced model with three metad
 ``cmrtool_plan`` (the plan, JSON), ``cmrtool_arch`` (the factory, or ``hf:ClassName`` for a
 Hugging Face model) and, for Hugging Face models, ``cmrtool_hf_config`` (the original config).
 A large plan's affine matrices are extra tensors ``cmrtool.plan.<site>.matrix`` of the same file
-(:mod:`cmrtool.planstore`); they are not weights, and :func:`load_reduced` skips them.
+(:mod:`cmrtool.io.planstore`); they are not weights, and :func:`load_reduced` skips them.
 :func:`load_reduced` rebuilds it: the factory's model, then the plan's surgery — the shapes come
 from folding the plan into the fresh model's tensors, so a file that does not match its plan is
 refused — then the weights.
@@ -27,11 +27,11 @@ from torch import nn
 
 from cmrtool.backends.layouts import split_views
 from cmrtool.errors import InputError, UsageError
-from cmrtool.io import require_file, sha256_file
+from cmrtool.io.files import require_file, sha256_file
 from cmrtool.plan import Plan
-from cmrtool.planstore import SafetensorsTensors, is_plan_tensor
-from cmrtool.planstore import split as split_plan
-from cmrtool.safety import import_user_module, trusted_arch
+from cmrtool.io.planstore import SafetensorsTensors, is_plan_tensor
+from cmrtool.io.planstore import split as split_plan
+from cmrtool.io.safety import import_user_module, trusted_arch
 
 __all__ = [
     "PLAN_KEY", "ARCH_KEY", "HF_CONFIG_KEY", "resolve_factory", "load_safetensors", "load_reduced",
@@ -96,7 +96,7 @@ def _read_tensors(path: str | Path, weights_only: bool = False) -> dict[str, tor
     """The file's tensors; with ``weights_only`` without the plan's (``cmrtool.plan.*``)."""
     from safetensors import safe_open
 
-    from cmrtool.planstore import is_plan_tensor
+    from cmrtool.io.planstore import is_plan_tensor
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -127,7 +127,7 @@ def load_reduced(path: str | Path, arch: str | None = None) -> Any:
     """Rebuild a reduced checkpoint written by ``cmrtool compile -o reduced.safetensors``.
 
     The file records its factory, but only ``arch`` (the user's choice) or cmrtool's own
-    factories are ever imported (:mod:`cmrtool.safety`); a file naming other code is refused
+    factories are ever imported (:mod:`cmrtool.io.safety`); a file naming other code is refused
     with the ``--arch`` to pass. A Hugging Face class is only ever looked up in ``transformers``.
 
     Args:
@@ -179,7 +179,7 @@ def save_reduced(model: Any, module: nn.Module, path: str | Path, plan: Plan) ->
     if not model.arch:
         raise UsageError("this model was built in memory: cmrtool cannot record how to rebuild it", _ARCH_HINT)
     # Serialized in memory and written through a file object: the destination may be an unnamed
-    # temporary file (``/proc/self/fd/N``, see cmrtool.io.atomic_write), next to which
+    # temporary file (``/proc/self/fd/N``, see cmrtool.io.files.atomic_write), next to which
     # save_file could not create its own temporary file.
     state = unique_tensors(module.state_dict())
     clash = [k for k in state if is_plan_tensor(k)]

@@ -10,7 +10,7 @@ written back as a directory that stock ``from_pretrained`` loads — ``config.js
 and ``mlp_bias`` / ``attention_bias`` set where a folded constant needs a bias that the
 architecture lacks (the other biases that flag creates are written as zeros), ``model.safetensors``
 with the plan in its metadata, ``cmrtool_plan.json`` (with ``cmrtool_plan.safetensors`` beside it
-when the plan's affine matrices are large, :mod:`cmrtool.planstore`), and the input's other files
+when the plan's affine matrices are large, :mod:`cmrtool.io.planstore`), and the input's other files
 (tokenizer…).
 Which config fields hold each family's widths and biases, and the family a model is written as
 when its own config cannot hold a folded constant, come from :mod:`cmrtool.backends.hfout`.
@@ -33,9 +33,9 @@ import torch
 
 from cmrtool.errors import InputError, UsageError
 from cmrtool.hfcheck import check_loading_info, refuse_remote_code
-from cmrtool.io import sha256_file
+from cmrtool.io.files import sha256_file
 from cmrtool.plan import Plan
-from cmrtool.planstore import PLAN_JSON_FILE, PLAN_TENSORS_FILE, read_dir_plan, write_dir_plan
+from cmrtool.io.planstore import PLAN_JSON_FILE, PLAN_TENSORS_FILE, read_dir_plan, write_dir_plan
 
 __all__ = [
     "PLAN_FILE", "transformers_module", "is_hf_dir", "load_dir", "write_dir", "require_hf_input", "check_dir_output",

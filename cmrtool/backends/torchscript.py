@@ -34,11 +34,11 @@ from torch import nn
 from cmrtool.backends.tsgraph import GraphProgram, const_value, is_none, iter_nodes, real_uses
 from cmrtool.errors import InputError, UnsupportedModelError
 from cmrtool.backends.tsargs import branch_reason, scalar_args, scalar_values_from_data, specialize
-from cmrtool.integrity import check_zip_crc
-from cmrtool.io import STDIO, read_bytes, require_file, sha256_bytes, sha256_file, write_with
+from cmrtool.io.integrity import check_zip_crc
+from cmrtool.io.files import STDIO, read_bytes, require_file, sha256_bytes, sha256_file, write_with
 from cmrtool.plan import Plan
-from cmrtool.planstore import TS_TENSORS_FILE, tensors_from_bytes, tensors_to_bytes
-from cmrtool.planstore import split as split_plan
+from cmrtool.io.planstore import TS_TENSORS_FILE, tensors_from_bytes, tensors_to_bytes
+from cmrtool.io.planstore import split as split_plan
 from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
 
 __all__ = ["TorchScriptModel", "PLAN_FILE"]

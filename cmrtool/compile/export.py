@@ -6,7 +6,7 @@
 - The batch axis is dynamic; weights are stored inline (models under 2 GB); the model is put
   back in eval mode afterwards; the plan of a reduced model goes into the ONNX metadata_props
   (``cmrtool_plan``; a large plan's affine matrices only by reference and sha256, see
-  :mod:`cmrtool.planstore`); the file is written atomically.
+  :mod:`cmrtool.io.planstore`); the file is written atomically.
 - The result is checked with ``onnx.checker`` and run with onnxruntime on the check batch:
   ``max |onnxruntime(x) − torch(x)|`` is reported (and must be small for the export to count).
 
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from cmrtool.errors import InputError, UnsupportedModelError
-from cmrtool.io import atomic_write, require_file
-from cmrtool.planstore import split as split_plan
+from cmrtool.io.files import atomic_write, require_file
+from cmrtool.io.planstore import split as split_plan
 
 __all__ = ["OnnxReport", "export_onnx", "onnx_parity"]
 

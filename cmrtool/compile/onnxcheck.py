@@ -1,7 +1,7 @@
 """``verify --onnx``: the ONNX file must be an export of *this* reduced model, and agree with it.
 
 ``compile --onnx`` writes the plan into the ONNX ``metadata_props`` (``cmrtool_plan``; a large
-plan's affine matrices by reference and sha256 only, :mod:`cmrtool.planstore`); verify
+plan's affine matrices by reference and sha256 only, :mod:`cmrtool.io.planstore`); verify
 compares it with the reduced checkpoint's plan before running anything, so another model's
 export (same inputs, different weights) is refused instead of reported as a large "parity".
 Parity then has a threshold: max |onnxruntime(x) − R(x)| above :data:`ONNX_TOLERANCE` fails
@@ -26,7 +26,7 @@ def check_onnx_plan(path: str | Path, reduced: Any) -> None:
     """Refuse an ONNX file whose embedded plan is missing or differs from ``reduced.plan``."""
     import onnx
 
-    from cmrtool.io import require_file
+    from cmrtool.io.files import require_file
 
     require_file(path, "ONNX file")
     try:

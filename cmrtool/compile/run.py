@@ -11,7 +11,7 @@ backend that wrote it (``model.reopen``) and measures the **fold error**
 ``max |R(x) − O_clamped(x)|`` on a check batch, where ``O_clamped`` is the original with
 replaced units fixed to their replacements (DESIGN §3.5 step 1). Only then does the file get
 its name in the directory; an exact site whose fold error exceeds float rounding aborts the
-compile. The write is atomic (:func:`cmrtool.io.atomic_write`: an interrupted or killed compile
+compile. The write is atomic (:func:`cmrtool.io.files.atomic_write`: an interrupted or killed compile
 leaves no file), and under torchrun only rank 0 writes.
 """
 
@@ -32,7 +32,7 @@ from cmrtool import __version__, distributed
 from cmrtool.score.criteria import ALLOCATIONS, REGISTRY, REPLACEMENT_MODES, get_criterion
 from cmrtool.errors import CmrError, InputError, UnsupportedModelError, UsageError
 from cmrtool.compile.fold import fold, unit_rows
-from cmrtool.io import atomic_dir, atomic_write
+from cmrtool.io.files import atomic_dir, atomic_write
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.score.scoring import ScoreReport
 from cmrtool.reduce.selection import choose_kept, kept_width, validate_keep
@@ -417,7 +417,7 @@ def compile_model(
     ``output`` is the backend's checkpoint (``.pt`` for TorchScript, ``.safetensors`` with the
     plan in its metadata for nn.Modules), a Hugging Face directory (a path ending in ``/``; Hugging
     Face inputs with uniform widths), or a ``.onnx`` file. It must already have been validated
-    (:func:`cmrtool.io.check_output_path`). With ``check_inputs`` the written model is reloaded
+    (:func:`cmrtool.io.files.check_output_path`). With ``check_inputs`` the written model is reloaded
     and its fold error measured before it is moved into place; sites marked ``exact`` must match
     the clamped original to float rounding. ``onnx`` also exports the reduced model to that file
     (ONNX needs ``check_inputs``, for the export and the onnxruntime parity check).

@@ -5,7 +5,7 @@ width)`` for a site's captured values (token-major, padding dropped), in memory 
 buffers together stay under the budget and otherwise in a memory-mapped file in the work
 directory (``torch.from_file(shared=True)``: pages are written back to the file and dropped by
 the kernel under memory pressure). :class:`BlockData` offers a buffer under the interface of
-:class:`cmrtool.data.Dataset`, so the scoring, planning and fitting functions of the whole-model
+:class:`cmrtool.io.data.Dataset`, so the scoring, planning and fitting functions of the whole-model
 path run on a block unchanged: each batch is ``(hidden_states, attention_mask)``, and its
 ``hidden_states`` is a view into the buffer (which is how a block knows which rows it ran).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cmrtool.data import Batch
+from cmrtool.io.data import Batch
 from cmrtool.errors import UsageError
 
 __all__ = ["BufferPool", "BlockData"]

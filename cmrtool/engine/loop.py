@@ -80,7 +80,7 @@ class Calibration:
 
 def calibration_inputs(stack: BlockStack, path: str | Path, limit: int | None = None) -> Calibration:
     """Read the calibration file for ``stack``'s model (``input_ids``, optional ``attention_mask``)."""
-    from cmrtool.data import open_data
+    from cmrtool.io.data import open_data
     from cmrtool.errors import InputError
 
     data = open_data(path, stack.meta)

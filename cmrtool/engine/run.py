@@ -95,8 +95,8 @@ def compile_dir(
     from cmrtool.backends.checkpoint import ARCH_KEY, HF_CONFIG_KEY, PLAN_KEY
     from cmrtool.compile.run import _staging
     from cmrtool.engine.loop import _merge_plans
-    from cmrtool.planstore import is_plan_tensor
-    from cmrtool.planstore import split as split_plan
+    from cmrtool.io.planstore import is_plan_tensor
+    from cmrtool.io.planstore import split as split_plan
 
     _check_sites(stack, chosen)
     cal = calibration_inputs(stack, calib) if calib is not None else None
@@ -197,7 +197,7 @@ def _finish_dir(stack: BlockStack, plan: Plan, writer: StreamWriter, stage: Path
     Returns the plan's JSON text (with references to its tensors when it is large)."""
     from cmrtool.backends.hf import _OUTPUTS, _copy_extras, check_dir_output
     from cmrtool.errors import UsageError
-    from cmrtool.planstore import write_dir_plan
+    from cmrtool.io.planstore import write_dir_plan
 
     config, want, tied = check_dir_output(stack.meta, plan)
     for k, shape in want.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cmrtool.errors import InputError
-from cmrtool.tensorfile import SafetensorsFile, TensorInfo
+from cmrtool.io.tensorfile import SafetensorsFile, TensorInfo
 
 __all__ = ["LazyWeights", "weight_files"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cmrtool.tensorfile import SAFETENSORS_DTYPES
+from cmrtool.io.tensorfile import SAFETENSORS_DTYPES
 
 __all__ = ["StreamWriter"]
 

@@ -46,7 +46,7 @@ def load_bench_model(path: str, threads: int, target: Target, note: Callable[[st
     ``arch`` applies to ``.safetensors`` files only (a reduced one names its own). ONNX
     parameters are the elements of the graph's initializers; its MACs are not counted.
     """
-    from cmrtool.io import read_bytes, require_file, sha256_file
+    from cmrtool.io.files import read_bytes, require_file, sha256_file
 
     if Path(path).suffix.lower() != ".onnx":
         from cmrtool.backends import load_model
@@ -92,7 +92,7 @@ def _shapes_from(loaded: Sequence[BenchModel]) -> list[list[int]] | None:
 
 def benchmark_inputs(loaded: Sequence[BenchModel], data: str | None, shapes: Sequence[Sequence[int]] | None, batch: int) -> tuple[list[torch.Tensor], str]:
     """The benchmark batch (CPU, the first TorchScript model's dtype) and where it came from."""
-    from cmrtool.data import Dataset
+    from cmrtool.io.data import Dataset
     from cmrtool.measure.inspection import example_inputs
 
     ref = next((e.model for e in loaded if e.model is not None), None)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.plan import Replacement
 from cmrtool.score.sensitivity import closed_form_weight, site_generator, site_sensitivity
 from cmrtool.sites import Site

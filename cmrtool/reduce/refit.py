@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.score.sensitivity import check_curvature, closed_form_weight, loss_labels, site_generator
 from cmrtool.sites import Site
 

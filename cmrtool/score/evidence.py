@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cmrtool.data import Dataset
+from cmrtool.io.data import Dataset
 from cmrtool.errors import InputError, UsageError
 from cmrtool.score.sensitivity import closed_form_weight, loss_labels, site_generator, site_sensitivity
 from cmrtool.sites import Site

@@ -22,7 +22,7 @@ import torch
 
 from cmrtool import __version__, distributed
 from cmrtool.score.criteria import REGISTRY, Evidence, consumer_matrix, consumer_sq_norms, get_criterion
-from cmrtool.data import Batch, Dataset
+from cmrtool.io.data import Batch, Dataset
 from cmrtool.errors import InputError, UsageError
 from cmrtool.score.groups import GroupMoments, new_moments, score_grouped
 from cmrtool.sites import Site

@@ -76,7 +76,7 @@ def sweep_figure(report: Any) -> Any:
 
 def plot_sweep(report: Any, path: str | Path) -> None:
     """Write :func:`sweep_figure` as a PNG to ``path`` (atomically)."""
-    from cmrtool.io import write_with
+    from cmrtool.io.files import write_with
 
     fig = sweep_figure(report)
     write_with(path, lambda tmp: fig.savefig(tmp, format="png"))

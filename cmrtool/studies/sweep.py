@@ -189,7 +189,8 @@ def run_sweep(
     arch: str | None = None,
 ) -> SweepReport:
     """Compile and verify every (criterion, keep) pair; arguments as in :func:`cmrtool.api.sweep` (already validated)."""
-    from cmrtool import api, interrupts
+    from cmrtool import api
+    from cmrtool.io import interrupts
 
     start = time.perf_counter()
     rows: list[SweepRow] = []

@@ -668,7 +668,7 @@ def verify(
     Args:
         original: the original model (a backend model).
         reduced: the compiled model, with its plan.
-        data: held-out data (a :class:`cmrtool.data.Dataset`).
+        data: held-out data (a :class:`cmrtool.io.data.Dataset`).
         swaps: interchange interventions per site (and for all sites together).
         p: probability that a retained unit takes the source's value.
         seed: seed of the swap and mask draws.

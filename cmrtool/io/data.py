@@ -3,7 +3,7 @@
 A data file holds the model's inputs under ``input`` (or under the names of the forward
 arguments, e.g. ``input_ids`` and ``attention_mask``) and optionally integer ``labels``. Formats:
 safetensors (read row range by row range with positioned reads, never whole and never
-memory-mapped: :mod:`cmrtool.tensorfile`), ``.npy`` (a single ``input`` array, read the same
+memory-mapped: :mod:`cmrtool.io.tensorfile`), ``.npy`` (a single ``input`` array, read the same
 way), ``.npz`` and ``.pt`` (``weights_only=True``); the last two are held whole, so prefer
 safetensors for large data. ``-`` reads a safetensors file from standard input (buffered
 whole). Every batch is checked for NaN and Inf before it reaches the model.
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from cmrtool.errors import InputError, UsageError
-from cmrtool.io import STDIO, read_bytes, require_file
-from cmrtool.tensorfile import NpyFile, RowFile, SafetensorsFile
+from cmrtool.io.files import STDIO, read_bytes, require_file
+from cmrtool.io.tensorfile import NpyFile, RowFile, SafetensorsFile
 
 __all__ = ["Batch", "Dataset", "open_data"]
 
@@ -279,8 +279,8 @@ class Dataset:
 
 def open_data(path: str | Path, model: Any) -> Dataset:
     """Open a data file for ``model`` (anything with ``arg_names``, ``required_args``, ``dtype``),
-    refusing data the model cannot take (:func:`cmrtool.datacheck.check_data`)."""
-    from cmrtool.datacheck import check_data
+    refusing data the model cannot take (:func:`cmrtool.io.datacheck.check_data`)."""
+    from cmrtool.io.datacheck import check_data
 
     ds = Dataset(path, model.arg_names, model.required_args, model.dtype)
     if hasattr(model, "forward"):

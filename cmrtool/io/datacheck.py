@@ -57,7 +57,7 @@ def _on_meta_device(model: Any) -> bool:
 
 def check_data(ds: Any, model: Any) -> None:
     """Refuse data that ``model`` cannot take (see the module docstring)."""
-    from cmrtool.data import LABELS
+    from cmrtool.io.data import LABELS
 
     vocab = _vocab_size(model)
     for key in ds.keys:

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cmrtool.errors import InputError, UsageError
-from cmrtool.interrupts import commit_point
-from cmrtool.noreplace import allow_replace, exists_error, may_replace, rename_dir_noreplace
+from cmrtool.io.interrupts import commit_point
+from cmrtool.io.noreplace import allow_replace, exists_error, may_replace, rename_dir_noreplace
 
 __all__ = [
     "STDIO",
@@ -194,14 +194,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     An existing ``path`` (allowed by ``--force``) is replaced only once the new one is complete;
     without it the final rename fails if ``path`` appeared meanwhile. On any exception the
     temporary directory is removed and ``path`` is left as it was; one left by a SIGKILL is
-    removed by the next run into the same directory (:mod:`cmrtool.partials`).
+    removed by the next run into the same directory (:mod:`cmrtool.io.partials`).
     """
     import shutil
 
-    from cmrtool.partials import owned_partial, remove_stale_partials, set_default_modes
+    from cmrtool.io.partials import owned_partial, remove_stale_partials, set_default_modes
 
     dest = Path(path)
-    remove_stale_partials(dest.parent)  # left by a SIGKILLed run (cmrtool.partials)
+    remove_stale_partials(dest.parent)  # left by a SIGKILLed run (cmrtool.io.partials)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     old: Path | None = None
     try:
@@ -298,7 +298,7 @@ def atomic_write(path: str | Path, replace: bool | None = None) -> Iterator[Path
 
 def _link_into_place(fd: int, alias: str, name: str, dir_fd: int, replace: bool) -> None:
     """fsync the unnamed file and give it ``name``; an existing file is replaced (atomically)
-    only when ``replace`` (``--force``), else ``FileExistsError`` (:mod:`cmrtool.noreplace`)."""
+    only when ``replace`` (``--force``), else ``FileExistsError`` (:mod:`cmrtool.io.noreplace`)."""
     os.fsync(fd)
     try:
         os.link(alias, name, dst_dir_fd=dir_fd)  # linkat(..., AT_SYMLINK_FOLLOW)

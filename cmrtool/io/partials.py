@@ -1,7 +1,7 @@
 """Directory outputs under construction: owned, locked, and cleaned up after a SIGKILL.
 
 A Hugging Face directory is written into a hidden ``.NAME.XXXX.partial/`` beside its
-destination and renamed into place when complete (:func:`cmrtool.io.atomic_dir`). Ctrl-C and
+destination and renamed into place when complete (:func:`cmrtool.io.files.atomic_dir`). Ctrl-C and
 SIGTERM remove it; SIGKILL (or a power cut) cannot. So each such directory holds a marker file,
 :data:`MARKER`, on which the writing process holds an exclusive ``flock`` for as long as it
 works. The next cmrtool run that writes into the same parent directory removes every

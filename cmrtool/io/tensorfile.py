@@ -126,7 +126,7 @@ def _corrupt(path: str, what: str) -> InputError:
 
 
 def _check_layout(path: str, infos: dict[str, TensorInfo], ends: dict[str, int], data_bytes: int) -> None:
-    from cmrtool.integrity import check_no_overlap
+    from cmrtool.io.integrity import check_no_overlap
 
     for name, info in infos.items():
         size = math.prod(info.shape) * info.dtype.itemsize
