@@ -114,7 +114,7 @@ def test_layers_inside_data_dependent_branches_are_refused_at_inspect_with_the_r
 def test_tables_are_readable_at_80_columns(cli, tmp_path, monkeypatch):
     from rich.console import Console
 
-    from cmrtool import render
+    from cmrtool.cli import render
 
     long = "model.layers.0.self_attn.very_long_projection_name"
     doc = {"criterion": "cmr-logit", "samples": 64, "sites": [
@@ -138,7 +138,7 @@ def test_tables_are_readable_at_80_columns(cli, tmp_path, monkeypatch):
 def test_the_documented_verify_examples_pass_on_their_samples(cli, tmp_path, monkeypatch):
     """`cmrtool --help` and README compile samples/digits_mlp.pt at --keep 0.5 and verify it with
     --min-iia: those thresholds must hold on the samples they name."""
-    from cmrtool.cli import app
+    from cmrtool.cli.app import app
 
     help_text = " ".join(app.info.epilog.split())
     readme = (ROOT / "README.md").read_text()

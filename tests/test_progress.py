@@ -11,7 +11,7 @@ from helpers import SAMPLES
 from rich.console import Console
 
 import cmrtool.api as cmr
-from cmrtool.output import Output
+from cmrtool.cli.output import Output
 
 MLP = SAMPLES / "digits_mlp.pt"
 CALIB = SAMPLES / "calib.safetensors"

@@ -74,7 +74,7 @@ def test_temporary_checkpoints_are_removed(tmp_path, monkeypatch):
 def test_table_renders(report):
     from rich.console import Console
 
-    from cmrtool.render import sweep_table
+    from cmrtool.cli.render import sweep_table
 
     console = Console(record=True, width=100)
     sweep_table(report, console)

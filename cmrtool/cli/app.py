@@ -82,7 +82,7 @@ RidgeOpt = Annotated[float, typer.Option("--ridge", help="Affine replacements an
 
 
 def _output(json_mode: bool | None, quiet: bool) -> Any:
-    from cmrtool.output import Output
+    from cmrtool.cli.output import Output
 
     return Output(json_mode, quiet)
 
@@ -113,7 +113,8 @@ def inspect(
     quiet: QuietOpt = False,
 ) -> None:
     """List the sites a model offers for reduction: kind, width, activation, fold kind, consumers; and its parameters and MACs."""
-    from cmrtool import api, render
+    from cmrtool import api
+    from cmrtool.cli import render
     from cmrtool.backends.torchscript import no_sites_hint
     from cmrtool.errors import UnsupportedModelError
 
@@ -163,7 +164,8 @@ def score(
 
     import torch
 
-    from cmrtool import api, render
+    from cmrtool import api
+    from cmrtool.cli import render
     from cmrtool.distributed import is_writer
     from cmrtool.io.files import atomic_write_bytes, check_output_path
     from cmrtool.reduce.selection import choose_kept, kept_width, validate_keep
@@ -232,7 +234,8 @@ def compile_(
     quiet: QuietOpt = False,
 ) -> None:
     """Replace the lowest-scoring units of each site and fold them exactly into a smaller checkpoint, with the plan embedded; then measure the fold error against the original with those units clamped."""
-    from cmrtool import api, render
+    from cmrtool import api
+    from cmrtool.cli import render
 
     out = _output(json_mode, quiet)
     _setup(threads)
@@ -274,7 +277,8 @@ def verify(
     quiet: QuietOpt = False,
 ) -> None:
     """Check a reduced model against its original: fold error, plain fidelity, and interchange interventions per site and for all sites (IIA with a 95% interval, KL, D2, the margin certificate). Exit code 3 when a threshold fails."""
-    from cmrtool import api, render
+    from cmrtool import api
+    from cmrtool.cli import render
     from cmrtool.errors import VerificationFailed
 
     out = _output(json_mode, quiet)
@@ -314,7 +318,8 @@ def bench(
     quiet: QuietOpt = False,
 ) -> None:
     """Parameters, file size and MACs (per site and total) beside measured latency and throughput; each model's speedup over the first next to its MAC ratio (the MAC-ideal speedup)."""
-    from cmrtool import api, render
+    from cmrtool import api
+    from cmrtool.cli import render
 
     out = _output(json_mode, quiet)
     _setup(threads)
@@ -350,7 +355,8 @@ def audit(
     quiet: QuietOpt = False,
 ) -> None:
     """Reparameterization audit: rescale every ReLU unit (inverse on its consumers), check the function is unchanged, and report how much each criterion's kept set moves (Jaccard); with --validate, how well each criterion predicts the true damage of replacing a unit (Spearman, Kendall)."""
-    from cmrtool import api, render
+    from cmrtool import api
+    from cmrtool.cli import render
     from cmrtool.errors import UsageError
 
     try:
@@ -396,7 +402,8 @@ def sweep(
     quiet: QuietOpt = False,
 ) -> None:
     """Compile and verify the model at every keep fraction with every criterion: a table (or JSON rows) of params, MACs, accuracy, agreement, IIA and KL, and with --plot a PNG of the trade-off."""
-    from cmrtool import api, render
+    from cmrtool import api
+    from cmrtool.cli import render
 
     out = _output(json_mode, quiet)
     _setup(threads)

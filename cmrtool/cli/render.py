@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cmrtool.output import fmt_float, fmt_int
-from cmrtool.tables import fit
+from cmrtool.cli.output import fmt_float, fmt_int
+from cmrtool.cli.tables import fit
 
 __all__ = ["inspect_table", "score_table", "compile_table", "verify_table", "bench_table", "audit_table", "sweep_table"]
 
