@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cmrtool import api  # noqa: E402
-from cmrtool.backends.torchscript import TorchScriptModel  # noqa: E402
+from cmrtool.backends.torchscript.model import TorchScriptModel  # noqa: E402
 from cmrtool.io.data import Dataset  # noqa: E402
 from cmrtool.verify.report import verify  # noqa: E402
 

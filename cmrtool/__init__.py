@@ -22,7 +22,7 @@ __all__ = ["__version__", "load_reduced"]
 def __getattr__(name: str) -> Any:
     """``cmrtool.load_reduced``, imported on first use (it needs torch)."""
     if name == "load_reduced":
-        from cmrtool.backends.checkpoint import load_reduced
+        from cmrtool.backends.module.checkpoint import load_reduced
 
         return load_reduced
     raise AttributeError(f"module 'cmrtool' has no attribute {name!r}")

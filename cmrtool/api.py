@@ -88,7 +88,7 @@ def configure(threads: int | None = None) -> None:
 
 def open_model(path: str | Path, arch: str | None = None, data: str | Path | None = None) -> Any:
     """Load a checkpoint with the right backend (see :mod:`cmrtool.backends`); ``data`` supplies
-    a TorchScript model's non-tensor arguments (:mod:`cmrtool.backends.tsargs`)."""
+    a TorchScript model's non-tensor arguments (:mod:`cmrtool.backends.torchscript.tsargs`)."""
     from cmrtool.backends import load_model
 
     return load_model(path, arch, data)
@@ -314,7 +314,7 @@ def compile(
                          parents=parents, ridge=ridge, curvature=curvature, seed=seed, batch_size=engine_options.batch_size, loss=loss)
         if kind != "dir" or replacement == "zero":
             return compile_dir(stack, out, kind, calib, chosen, report, plan_args, engine_options, _log_of(progress))
-        from cmrtool.backends.hfout import dir_output_for_sites
+        from cmrtool.backends.module.hfout import dir_output_for_sites
 
         # Layers are folded as they are processed, so where the output's config goes is decided first.
         written_as, dir_notes, zeroed = dir_output_for_sites(model, chosen)
@@ -334,8 +334,8 @@ def compile(
     plan = dataclasses.replace(plan, source_sha256=model.sha256)
     choice = None
     if kind == "dir":
-        from cmrtool.backends.hf import check_dir_output
-        from cmrtool.backends.hfout import choose_dir_output
+        from cmrtool.backends.module.hf import check_dir_output
+        from cmrtool.backends.module.hfout import choose_dir_output
 
         choice = choose_dir_output(model, plan)  # constants the config cannot hold: another family, or deleted
         plan = choice.plan
@@ -426,7 +426,7 @@ def _log_of(progress: ProgressFactory | None) -> Callable[[str], None] | None:
 def _check_output_format(model: Any, out: Path, kind: str) -> None:
     """The output is a format this model can be written in (before any scoring)."""
     if kind == "dir":
-        from cmrtool.backends.hf import require_hf_input
+        from cmrtool.backends.module.hf import require_hf_input
 
         require_hf_input(model)
     elif kind == "file":

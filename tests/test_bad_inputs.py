@@ -237,7 +237,7 @@ def _plan(name="fc1", width=8, kept=(0, 1, 2, 3), values=None):
 def tiny(tmp_path_factory):
     from helpers import save_ts
 
-    from cmrtool.backends.torchscript import TorchScriptModel
+    from cmrtool.backends.torchscript.model import TorchScriptModel
 
     path = save_ts(build(TinyMLP), tmp_path_factory.mktemp("m") / "m.pt", "script", None)
     return TorchScriptModel(path)

@@ -14,7 +14,7 @@ from helpers import ROOT, SAMPLES, build, inputs_for
 from safetensors.torch import save_file
 from torch import nn
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 
 MLP = SAMPLES / "digits_mlp.pt"
 CALIB = SAMPLES / "calib.safetensors"

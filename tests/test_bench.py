@@ -11,7 +11,7 @@ from helpers import SAMPLES, TinyMLP, build, save_ts
 
 from cmrtool import api
 from cmrtool.measure import precision
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.measure.bench import width_notes
 from cmrtool.measure.timing import contention_note, paired_speedup, spread, time_alternating
 

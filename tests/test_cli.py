@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import SAMPLES, NothingReducible, build, inputs_for, save_ts, write_data
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 
 MLP = SAMPLES / "digits_mlp.pt"
 CALIB = SAMPLES / "calib.safetensors"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import CASES, TinyMLP, build, inputs_for, save_ts, write_data
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.score.criteria import REGISTRY, get_criterion
 from cmrtool.io.data import Dataset
 from cmrtool.errors import UsageError

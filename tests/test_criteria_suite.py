@@ -10,7 +10,7 @@ from helpers import CASES, SAMPLES, TinyMLP, build, inputs_for, save_ts, write_d
 
 from cmrtool import api
 from cmrtool.studies.audit import kendall, rescaled_tensors, spearman
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.compile.run import compile_model, compose, make_plan
 from cmrtool.io.data import Dataset
 from cmrtool.errors import UsageError

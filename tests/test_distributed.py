@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import ROOT, SAMPLES
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.io.data import Dataset
 
 MLP = SAMPLES / "digits_mlp.pt"

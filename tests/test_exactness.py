@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import CASES, SAMPLES, UNFOLDABLE, ZeroPadConv, build, inputs_for, save_ts, write_data
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.compile.run import clamp_edits, compile_model, fold_error, make_plan, site_ranks
 from cmrtool.io.data import Dataset
 from cmrtool.score.scoring import score_model

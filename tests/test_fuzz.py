@@ -24,7 +24,7 @@ from helpers import SAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.io.data import Dataset
 from cmrtool.errors import CmrError
 from cmrtool.plan import Plan, Replacement, SitePlan

@@ -7,8 +7,8 @@ import torch
 from helpers import Flagged, build, inputs_for, save_ts
 from torch import nn
 
-from cmrtool.backends.torchscript import TorchScriptModel
-from cmrtool.backends.tsgraph import iter_nodes
+from cmrtool.backends.torchscript.model import TorchScriptModel
+from cmrtool.backends.torchscript.graph import iter_nodes
 
 
 def test_producer_inside_attribute_if_is_found(tmp_path):

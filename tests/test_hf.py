@@ -18,7 +18,7 @@ transformers.utils.logging.disable_progress_bar()
 
 from cmrtool import api  # noqa: E402
 from cmrtool.backends import load_model  # noqa: E402
-from cmrtool.backends.checkpoint import load_reduced  # noqa: E402
+from cmrtool.backends.module.checkpoint import load_reduced  # noqa: E402
 from cmrtool.errors import InputError, UsageError  # noqa: E402
 from cmrtool.compile.fold import fold  # noqa: E402
 

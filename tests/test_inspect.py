@@ -5,7 +5,7 @@ from __future__ import annotations
 from helpers import SAMPLES, NothingReducible, ReluIntoNorm, WithLSTM, build, save_ts
 
 from cmrtool import api
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 
 
 def test_macs_match_the_analytic_count():

@@ -12,7 +12,7 @@ import torch
 from helpers import SAMPLES
 from safetensors.torch import load_file
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.compile.run import make_plan
 from cmrtool.io.data import Dataset
 from cmrtool.score.scoring import score_model

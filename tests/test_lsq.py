@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import CASES, SAMPLES, build, dense_plan, inputs_for, save_ts
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.compile.run import compile_model
 from cmrtool.score.criteria import Evidence, get_criterion
 from cmrtool.errors import InputError
@@ -129,7 +129,7 @@ def hf(tmp_path_factory):
 def test_hf_affine_compiles_exactly_and_reloads(hf, name, kind, replacement, criterion, tmp_path):
     from cmrtool import api
     from cmrtool.backends import load_model
-    from cmrtool.backends.checkpoint import load_reduced
+    from cmrtool.backends.module.checkpoint import load_reduced
 
     dirs, data = hf
     out = tmp_path / "r.safetensors"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from cmrtool import api
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.measure.macs import count_macs, profile_macs, site_macs
 from cmrtool.testing import models
 

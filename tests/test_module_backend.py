@@ -10,8 +10,8 @@ from helpers import CASES, SAMPLES, UNFOLDABLE, ZeroPadConv, build, inputs_for, 
 from safetensors.torch import save_file
 
 from cmrtool.backends import load_model
-from cmrtool.backends.checkpoint import load_reduced
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.module.checkpoint import load_reduced
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.compile.run import clamp_edits, compile_model, fold_error, make_plan, site_ranks
 from cmrtool.io.data import Dataset
 from cmrtool.errors import InputError, UsageError

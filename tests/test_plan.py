@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import SAMPLES
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.compile.run import make_plan
 from cmrtool.io.data import Dataset
 from cmrtool.errors import InputError

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from cmrtool.io import planstore
 from cmrtool.backends import load_model
-from cmrtool.backends.checkpoint import load_reduced
-from cmrtool.backends.torchscript import PLAN_FILE, TorchScriptModel
+from cmrtool.backends.module.checkpoint import load_reduced
+from cmrtool.backends.torchscript.model import PLAN_FILE, TorchScriptModel
 from cmrtool.compile.run import compile_model
 from cmrtool.errors import InputError
 from cmrtool.plan import Plan
@@ -184,7 +184,7 @@ def test_engine_single_file_and_whole_model_directory_round_trip(wide, tmp_path)
         assert len(f.metadata()["cmrtool_plan"]) < 64_000
     x = list(Dataset(data, ["input_ids", "attention_mask"], 1).all().inputs)
     assert fold_error(original, reduced, reduced.plan, x).relative <= 1e-10
-    # The whole-model path (cmrtool.backends.hf.write_dir) writes the same side file.
+    # The whole-model path (cmrtool.backends.module.hf.write_dir) writes the same side file.
     plan = dataclasses.replace(r.plan, source_sha256=original.sha256)
     whole = compile_model(original, plan, str(tmp_path / "whole") + "/", check_inputs=[t[:4] for t in x])
     assert whole.fold_error.relative <= 1e-10 and (tmp_path / "whole" / planstore.PLAN_TENSORS_FILE).is_file()

@@ -11,7 +11,7 @@ import sys
 import pytest
 from helpers import ROOT
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 
 
 def _quickstart() -> list[str]:

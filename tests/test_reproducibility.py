@@ -13,7 +13,7 @@ import sys
 import pytest
 from helpers import ROOT, SAMPLES
 
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 
 MLP = SAMPLES / "digits_mlp.pt"
 CALIB = SAMPLES / "calib.safetensors"

@@ -254,7 +254,7 @@ def test_two_concurrent_compiles_to_one_output_one_wins(tmp_path):
     winner = next(r for r in results if r[0] == 0)
     loser = next(r for r in results if r[0] == 2)
     assert "already exists" in loser[2] and "Traceback" not in loser[2]
-    from cmrtool.backends.torchscript import TorchScriptModel
+    from cmrtool.backends.torchscript.model import TorchScriptModel
 
     kept = [len(sp.kept) for sp in TorchScriptModel(out).plan.sites]
     assert kept == [len(s["kept"]) if isinstance(s.get("kept"), list) else s["kept"] for s in json.loads(winner[1])["sites"]]

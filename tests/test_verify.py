@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cmrtool import api
-from cmrtool.backends.torchscript import TorchScriptModel
+from cmrtool.backends.torchscript.model import TorchScriptModel
 from cmrtool.compile.run import compile_model
 from cmrtool.io.data import Dataset
 from cmrtool.plan import Plan, Replacement, SitePlan
-from cmrtool.swap import select
+from cmrtool.backends.swap import select
 from cmrtool.verify.report import _bernoulli, _Cache, _downstreams, interchange, margin_certificate, prepare_interchange, wilson
 
 

@@ -22,7 +22,7 @@ transformers.utils.logging.disable_progress_bar()
 
 from cmrtool import api  # noqa: E402
 from cmrtool.backends import load_model  # noqa: E402
-from cmrtool.backends.checkpoint import load_reduced  # noqa: E402
+from cmrtool.backends.module.checkpoint import load_reduced  # noqa: E402
 from cmrtool.verify.token_metrics import Quantiles, TokenFidelity  # noqa: E402
 
 
@@ -197,7 +197,7 @@ _MEMORY_CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     import cmrtool.verify.lm
     from cmrtool.backends import load_model
-    from cmrtool.backends.checkpoint import load_reduced
+    from cmrtool.backends.module.checkpoint import load_reduced
     from cmrtool.io.data import open_data
     from cmrtool.verify.report import verify
     cmrtool.verify.lm._LOGIT_ELEMENTS = 1 << 18  # small head chunks, so the bound below is tight

@@ -1,8 +1,8 @@
 """Backends: one per checkpoint format, each implementing the four verbs of DESIGN §2.
 
-- :mod:`cmrtool.backends.torchscript`: ``torch.jit.save`` files, no Python class needed;
-- :mod:`cmrtool.backends.module`: nn.Modules from safetensors + ``--arch`` or a Hugging Face
-  directory (:mod:`cmrtool.backends.checkpoint`, :mod:`cmrtool.backends.hf`).
+- :mod:`cmrtool.backends.torchscript.model`: ``torch.jit.save`` files, no Python class needed;
+- :mod:`cmrtool.backends.module.model`: nn.Modules from safetensors + ``--arch`` or a Hugging Face
+  directory (:mod:`cmrtool.backends.module.checkpoint`, :mod:`cmrtool.backends.module.hf`).
 
 Every backend's model object offers: ``sites`` / ``rejected`` / ``unsupported`` (discovery),
 ``run(inputs, capture=..., edits=...)`` (capture and override), ``tensors()`` and
@@ -33,7 +33,7 @@ def load_model(path: str | Path, arch: str | None = None, data: str | Path | Non
         arch: ``pkg.module:factory``, a callable returning the nn.Module the weights belong to.
         data: the data file the model will run on: a TorchScript model's non-tensor arguments
             (an ``int`` sample rate) take their values from its 0-d tensors of the same names
-            (:mod:`cmrtool.backends.tsargs`).
+            (:mod:`cmrtool.backends.torchscript.tsargs`).
 
     Example:
         >>> model = load_model("samples/digits_mlp.pt")
@@ -42,13 +42,13 @@ def load_model(path: str | Path, arch: str | None = None, data: str | Path | Non
     p = str(path)
     suffix = Path(p).suffix.lower()
     if Path(p).is_dir():
-        from cmrtool.backends.hf import load_dir
+        from cmrtool.backends.module.hf import load_dir
 
         if arch is not None:
             raise UsageError(f"{p} is a directory: --arch applies to .safetensors files only", "drop --arch; a Hugging Face directory names its class in config.json")
         return load_dir(p)
     if suffix == ".safetensors":
-        from cmrtool.backends.checkpoint import load_safetensors
+        from cmrtool.backends.module.checkpoint import load_safetensors
 
         return load_safetensors(p, arch)
     if arch is not None:
@@ -56,7 +56,7 @@ def load_model(path: str | Path, arch: str | None = None, data: str | Path | Non
     if suffix == ".onnx":
         raise InputError(f"{p}: ONNX is an output format of cmrtool, not an input", "pass the model the ONNX file was exported from")
     if p == STDIO or suffix in _TORCHSCRIPT_SUFFIXES or suffix == "":
-        from cmrtool.backends.torchscript import TorchScriptModel
+        from cmrtool.backends.torchscript.model import TorchScriptModel
 
         return TorchScriptModel(p, data)
     raise InputError(

@@ -60,7 +60,7 @@ class _Logits(nn.Module):
         self.kwargs = dict(getattr(model, "call_kwargs", {}))
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        from cmrtool.backends.module import output_tensor
+        from cmrtool.backends.module.model import output_tensor
 
         return output_tensor(self.inner(*args, **self.kwargs))
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmrtool.backends.module import ModuleModel
+from cmrtool.backends.module.model import ModuleModel
 from cmrtool.engine.weights import LazyWeights
 from cmrtool.errors import InputError
 
@@ -123,10 +123,10 @@ class BlockStack:
     """
 
     def __init__(self, path: str | Path) -> None:
-        from cmrtool.backends.hf import _sha256_dir, transformers_module
+        from cmrtool.backends.module.hf import _sha256_dir, transformers_module
 
         self.path = Path(path)
-        from cmrtool.hfcheck import refuse_remote_code
+        from cmrtool.backends.module.hfcheck import refuse_remote_code
 
         tf = transformers_module()
         refuse_remote_code(self.path)
@@ -166,7 +166,7 @@ class BlockStack:
         as the whole-model loader requires (:func:`cmrtool.hfcheck.check_loading_info`)."""
         import re
 
-        from cmrtool.hfcheck import check_loading_info
+        from cmrtool.backends.module.hfcheck import check_loading_info
 
         want = dict(self.top.state_dict())
         have = set(self.weights.names())

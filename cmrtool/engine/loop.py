@@ -222,7 +222,7 @@ def run_blocks(
         work: the work directory for spilled buffers (see :func:`scratch`).
         log: one line per block (tokens/s, resident memory).
     """
-    from cmrtool.backends.hfout import zero_replacements
+    from cmrtool.backends.module.hfout import zero_replacements
     from cmrtool.reduce.planner import plan_reduction
 
     compiling = plan_args is not None

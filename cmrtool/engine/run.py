@@ -92,7 +92,7 @@ def compile_dir(
 ) -> EngineCompileReport:
     """Reduce block by block and write ``out`` (a directory when ``kind == "dir"``, else one
     ``.safetensors`` file with the plan in its metadata), atomically."""
-    from cmrtool.backends.checkpoint import ARCH_KEY, HF_CONFIG_KEY, PLAN_KEY
+    from cmrtool.backends.module.checkpoint import ARCH_KEY, HF_CONFIG_KEY, PLAN_KEY
     from cmrtool.compile.run import _staging
     from cmrtool.engine.loop import _merge_plans
     from cmrtool.io.planstore import is_plan_tensor
@@ -166,7 +166,7 @@ def compile_dir(
 
 def _fold_only(stack: BlockStack, chosen: Sequence[Site], report: ScoreReport | None, plan_args: dict[str, Any], write: Callable[[str, torch.Tensor], None]) -> BlockRun:
     """Compile from scores without calibration data: plan and fold each layer, no forward."""
-    from cmrtool.backends.hfout import zero_replacements
+    from cmrtool.backends.module.hfout import zero_replacements
     from cmrtool.compile.run import make_plan
     from cmrtool.engine.memory import peak_rss_bytes
     from cmrtool.compile.fold import fold
@@ -195,7 +195,7 @@ def _fold_only(stack: BlockStack, chosen: Sequence[Site], report: ScoreReport | 
 def _finish_dir(stack: BlockStack, plan: Plan, writer: StreamWriter, stage: Path) -> str:
     """Config, plan files and the input's other files; zero biases the new config creates.
     Returns the plan's JSON text (with references to its tensors when it is large)."""
-    from cmrtool.backends.hf import _OUTPUTS, _copy_extras, check_dir_output
+    from cmrtool.backends.module.hf import _OUTPUTS, _copy_extras, check_dir_output
     from cmrtool.errors import UsageError
     from cmrtool.io.planstore import write_dir_plan
 

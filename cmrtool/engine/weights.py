@@ -25,7 +25,7 @@ _CHUNK = 64 << 20
 
 def weight_files(directory: str | Path) -> list[Path]:
     """The safetensors files of a Hugging Face directory (shards in index order)."""
-    from cmrtool.backends.hf import _weight_files
+    from cmrtool.backends.module.hf import _weight_files
 
     return _weight_files(Path(directory))
 

@@ -40,7 +40,7 @@ __all__ = [
 INLINE_MATRIX_BYTES = 1 << 20  # plans with more bytes of dense matrices than this store them as tensors
 PLAN_TENSORS_FILE = "cmrtool_plan.safetensors"  # a Hugging Face directory's plan tensors, next to cmrtool_plan.json
 TS_TENSORS_FILE = "cmrtool/plan.safetensors"  # a TorchScript archive's extra file with the plan tensors
-PLAN_JSON_FILE = "cmrtool_plan.json"  # a Hugging Face directory's plan (cmrtool.backends.hf.PLAN_FILE)
+PLAN_JSON_FILE = "cmrtool_plan.json"  # a Hugging Face directory's plan (cmrtool.backends.module.hf.PLAN_FILE)
 
 
 def split(plan: Plan) -> tuple[str, dict[str, torch.Tensor]]:

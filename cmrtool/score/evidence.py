@@ -9,7 +9,7 @@
   class).
 
 When only moments are needed, :func:`cmrtool.score.scoring.collect_moments` is used: the backend
-reduces inside its graph (:meth:`cmrtool.backends.torchscript.TorchScriptModel.batch_moments`)
+reduces inside its graph (:meth:`cmrtool.backends.torchscript.model.TorchScriptModel.batch_moments`)
 and the pass can be sharded across torchrun ranks with bit-identical results. The other evidence
 is gathered in one process. Otherwise one capture per
 batch yields every site's value, the logits and each site's frontier, and each site's gradients

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmrtool.backends.module import output_tensor
+from cmrtool.backends.module.model import output_tensor
 from cmrtool.verify.token_metrics import TokenFidelity
 
 __all__ = ["TokenModel", "token_models", "sample_mask", "Stores", "stream_fidelity"]

@@ -26,13 +26,13 @@ between tokens).
 
 Site activations of every base and source are computed once, by the same passes that measure
 the fold error; each swap then re-runs only the network after the site
-(:class:`cmrtool.backends.torchscript.Downstream`; an nn.Module re-runs the whole forward with
-hooks, :class:`cmrtool.backends.module.HookDownstream`), in batches. What makes that cheap:
+(:class:`cmrtool.backends.torchscript.model.Downstream`; an nn.Module re-runs the whole forward with
+hooks, :class:`cmrtool.backends.module.model.HookDownstream`), in batches. What makes that cheap:
 
 - masks are drawn from packed random bits (one bit per unit at p = 0.5, :func:`_bernoulli`);
 - values are mixed by ``lerp`` on 0/1 weights (the same values as a selection while they are
   finite, and torch's CPU ``where`` is ~10× slower; non-finite values are selected exactly,
-  :mod:`cmrtool.swap`), and O's value only over its retained units;
+  :mod:`cmrtool.backends.swap`), and O's value only over its retained units;
 - when O's site is read by a single Linear ``(W, b)`` (an MLP layer, a transformer FFN), O's run
   starts after it: ``W·(a_b + m⊙(a_s − a_b)) + b`` is the base's cached clean output plus
   ``W[:, K]`` applied to the change of the retained units K, so that product costs
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from cmrtool import __version__
 from cmrtool.errors import InputError, UsageError
-from cmrtool.swap import select, weights
+from cmrtool.backends.swap import select, weights
 
 __all__ = ["SiteResult", "VerifyReport", "Thresholds", "verify", "wilson", "margin_certificate", "interchange", "prepare_interchange"]
 
@@ -491,7 +491,7 @@ def _mix(kind: str, keep: torch.Tensor, values: torch.Tensor, base: torch.Tensor
 
     Channels of a feature map are whole rows of ``values`` viewed as ``(samples · channels,
     rest)``, so one row gather mixes them. Other sites gather both samples and mix them: by
-    lerp on weights (exact for finite values), else by :func:`cmrtool.swap.select`.
+    lerp on weights (exact for finite values), else by :func:`cmrtool.backends.swap.select`.
     """
     b, w = keep.shape
     if kind == "channel" and values.dim() > 2 and values.is_contiguous():

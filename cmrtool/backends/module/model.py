@@ -2,18 +2,18 @@
 
 Four verbs (DESIGN §2):
 
-- **discover sites**: plain modules by torch.fx tracing (:mod:`cmrtool.backends.fxsites`), and the
+- **discover sites**: plain modules by torch.fx tracing (:mod:`cmrtool.backends.module.fxsites`), and the
   known transformer structures, FFNs and attention heads, by module layout
-  (:mod:`cmrtool.backends.patterns`); Hugging Face models by layout only;
+  (:mod:`cmrtool.backends.module.patterns`); Hugging Face models by layout only;
 - **capture** a site's value with a forward pre-hook on its consumer (the value is the
   consumer's input, e.g. ``act(gate(x)) * up(x)`` entering ``down_proj``, or the attention output
   entering ``o_proj``);
 - **run with site values overridden** by the same hook returning ``where(mask, fill, value)``;
   hooks are removed in ``finally``;
-- **write** by module surgery on a deep copy (:mod:`cmrtool.backends.checkpoint`): the folded
+- **write** by module surgery on a deep copy (:mod:`cmrtool.backends.module.checkpoint`): the folded
   tensors are assigned to the copy and its layer and head counts updated, then saved as
   safetensors with the plan in the metadata, or as a Hugging Face directory
-  (:mod:`cmrtool.backends.hf`).
+  (:mod:`cmrtool.backends.module.hf`).
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmrtool.backends.experts import tap_experts
-from cmrtool.backends.familysites import eager_experts, family_structures, resize_family_heads, sync_family_shapes
-from cmrtool.backends.fxsites import fx_sites
-from cmrtool.backends.layouts import View, join_views, split_views
-from cmrtool.backends.patterns import Tap, find_structures, resize_heads
+from cmrtool.backends.module.experts import tap_experts
+from cmrtool.backends.module.familysites import eager_experts, family_structures, resize_family_heads, sync_family_shapes
+from cmrtool.backends.module.fxsites import fx_sites
+from cmrtool.backends.module.layouts import View, join_views, split_views
+from cmrtool.backends.module.patterns import Tap, find_structures, resize_heads
 from cmrtool.errors import UnsupportedModelError
 from cmrtool.plan import Plan
-from cmrtool.swap import select
+from cmrtool.backends.swap import select
 from cmrtool.sites import Rejection, Site
 
 __all__ = ["ModuleModel", "HookDownstream"]
@@ -80,7 +80,7 @@ class ModuleModel:
         self.unsupported: list[str] = []
         self.notes: list[str] = []
         self._taps: dict[str, Tap] = {}
-        self.views: list[View] = []  # stock tensors seen in Linear layout (cmrtool.backends.layouts)
+        self.views: list[View] = []  # stock tensors seen in Linear layout (cmrtool.backends.module.layouts)
         self._discover()
         self._canonical_params = set(split_views(self._params, self.views))
 
@@ -123,14 +123,14 @@ class ModuleModel:
         """Raise a clear error when nothing is reducible."""
         if self.sites:
             return
-        from cmrtool.backends.torchscript import no_sites_hint
+        from cmrtool.backends.torchscript.model import no_sites_hint
 
         raise UnsupportedModelError(f"no reducible sites in {self.path}", no_sites_hint(self.rejected, self.unsupported))
 
     # -- tensors --------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         """All parameters and buffers by fully qualified name (detached, not copies), in Linear
-        layout: a viewed tensor appears as its canonical pieces (:mod:`cmrtool.backends.layouts`)."""
+        layout: a viewed tensor appears as its canonical pieces (:mod:`cmrtool.backends.module.layouts`)."""
         stock = {k: v.detach() for k, v in {**self._params, **dict(self.module.named_buffers())}.items()}
         return split_views(stock, self.views)
 
@@ -144,7 +144,7 @@ class ModuleModel:
 
     def twin(self, tensors: Mapping[str, torch.Tensor]) -> ModuleModel:
         """The same architecture with ``tensors`` assigned (same sites; the audit's rescaled copies)."""
-        from cmrtool.backends.checkpoint import assign_tensors
+        from cmrtool.backends.module.checkpoint import assign_tensors
 
         module = copy.deepcopy(self.module)
         assign_tensors(module, {k: v.detach().clone() for k, v in self.stock(tensors).items()})
@@ -230,7 +230,7 @@ class ModuleModel:
     # -- writing --------------------------------------------------------------------------------
     def reduced_module(self, tensors: Mapping[str, torch.Tensor], plan: Plan, in_place: bool = False) -> nn.Module:
         """A copy of the module with ``tensors`` assigned (shapes may shrink) and head counts updated."""
-        from cmrtool.backends.checkpoint import assign_tensors, sync_shapes
+        from cmrtool.backends.module.checkpoint import assign_tensors, sync_shapes
 
         module = self.module if in_place else copy.deepcopy(self.module)
         assign_tensors(module, self.stock(tensors))
@@ -244,23 +244,23 @@ class ModuleModel:
 
     def write(self, path: str | Path, tensors: Mapping[str, torch.Tensor], plan: Plan) -> None:
         """Save the reduced model as safetensors with the plan (and how to rebuild it) in the metadata."""
-        from cmrtool.backends.checkpoint import save_reduced
+        from cmrtool.backends.module.checkpoint import save_reduced
 
         save_reduced(self, self.reduced_module(tensors, plan), path, plan)
 
     def write_dir(self, path: str | Path, tensors: Mapping[str, torch.Tensor], plan: Plan) -> None:
         """Save the reduced model as a Hugging Face directory (uniform widths per layer only)."""
-        from cmrtool.backends.hf import write_dir
+        from cmrtool.backends.module.hf import write_dir
 
         write_dir(self, path, tensors, plan)
 
     def reopen(self, path: str | Path) -> ModuleModel:
         """Load what :meth:`write` or :meth:`write_dir` wrote."""
         if Path(path).is_dir():
-            from cmrtool.backends.hf import load_dir
+            from cmrtool.backends.module.hf import load_dir
 
             return load_dir(path)
-        from cmrtool.backends.checkpoint import load_reduced
+        from cmrtool.backends.module.checkpoint import load_reduced
 
         return load_reduced(path, self.arch)
 

@@ -2,7 +2,7 @@
 
 Four verbs (DESIGN §2):
 
-- **discover sites** by walking the prepared graph (:mod:`cmrtool.backends.tsgraph`) for
+- **discover sites** by walking the prepared graph (:mod:`cmrtool.backends.torchscript.graph`) for
   producer → [batch_norm] → activation(s) → [pooling] → [flatten] → consumer chains, where the
   producer and consumer are ``aten::linear`` or a convolution (``aten::conv2d`` when scripted,
   ``aten::_convolution`` when traced) whose weights are ``prim::GetAttr`` paths from ``self``;
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmrtool.backends.tsgraph import GraphProgram, const_value, is_none, iter_nodes, real_uses
+from cmrtool.backends.torchscript.graph import GraphProgram, const_value, is_none, iter_nodes, real_uses
 from cmrtool.errors import InputError, UnsupportedModelError
-from cmrtool.backends.tsargs import branch_reason, scalar_args, scalar_values_from_data, specialize
+from cmrtool.backends.torchscript.tsargs import branch_reason, scalar_args, scalar_values_from_data, specialize
 from cmrtool.io.integrity import check_zip_crc
 from cmrtool.io.files import STDIO, read_bytes, require_file, sha256_bytes, sha256_file, write_with
 from cmrtool.plan import Plan
@@ -105,7 +105,7 @@ class TorchScriptModel:
 
     def __init__(self, path: str | Path, data: str | Path | None = None) -> None:
         self.path = str(path)
-        self.data = data  # scalar forward arguments come from it (cmrtool.backends.tsargs)
+        self.data = data  # scalar forward arguments come from it (cmrtool.backends.torchscript.tsargs)
         if self.path == STDIO:
             self._bytes: bytes | None = read_bytes(self.path)
             self.sha256 = sha256_bytes(self._bytes)
@@ -753,7 +753,7 @@ class Downstream:
         """Logits from the first site's value on (from its Linear's output for a
         :attr:`linear` cut, whose ``frontier`` then leaves out that output): later sites edited by ``edits`` (site →
         ``(mask, fill)``: ``where(mask, fill, v)`` for a boolean mask, ``lerp(v, fill, mask)``
-        for 0/1 float weights; see :func:`cmrtool.swap.select`)."""
+        for 0/1 float weights; see :func:`cmrtool.backends.swap.select`)."""
         args: list[Any] = [*inputs, first, *frontier]
         blends = []
         for name in self.order[1:]:

@@ -1,9 +1,9 @@
 """Sites of plain nn.Modules found by torch.fx symbolic tracing.
 
-The traced graph is walked like the TorchScript graph (:mod:`cmrtool.backends.torchscript`):
+The traced graph is walked like the TorchScript graph (:mod:`cmrtool.backends.torchscript.model`):
 producer (a ``Linear`` or ``Conv`` module) → [BatchNorm module] → activation(s) → [pooling, channel
 sites only] → site value → [flatten] → consumer (a ``Linear`` or ``Conv`` module whose input it is).
-The site is read and written at the consumer's input (:class:`~cmrtool.backends.patterns.Tap`),
+The site is read and written at the consumer's input (:class:`~cmrtool.backends.module.patterns.Tap`),
 which is the site value itself or its batch-flattened form. A consumer without a bias gets one
 (an nn.Module can always gain a parameter). A module whose forward does not trace is searched
 part by part: its children are traced instead, and the note says so.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from cmrtool.backends.patterns import Tap
+from cmrtool.backends.module.patterns import Tap
 from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
 
 __all__ = ["fx_sites"]

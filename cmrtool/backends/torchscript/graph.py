@@ -161,7 +161,7 @@ class GraphProgram:
     def __init__(self, module: Any, prepare: Callable[[torch._C.Graph], Any] | None = None) -> None:
         self.module = module
         graph = module.inlined_graph  # a fresh graph on every access
-        if prepare is not None:  # e.g. scalar arguments made constants (cmrtool.backends.tsargs)
+        if prepare is not None:  # e.g. scalar arguments made constants (cmrtool.backends.torchscript.tsargs)
             prepare(graph)
         _fold_scalar_attributes(module, graph)
         torch._C._jit_pass_constant_propagation(graph)

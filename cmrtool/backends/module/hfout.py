@@ -25,8 +25,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from cmrtool.backends.families import ALWAYS, Family, family_of, width_field
-from cmrtool.backends.hf import _OUTPUTS, transformers_module
+from cmrtool.backends.module.families import ALWAYS, Family, family_of, width_field
+from cmrtool.backends.module.hf import _OUTPUTS, transformers_module
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.sites import Site

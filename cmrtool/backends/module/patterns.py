@@ -16,7 +16,7 @@ A head owns ``head_dim`` rows of q/k/v and the same block of o_proj columns. Wit
 attention (fewer key/value heads than query heads) a unit is a whole **key/value group**: one
 k/v head and the query heads that share it, so the model keeps a valid GQA layout. GPT-2's
 ``Conv1D`` layers and other families' layouts are in the family table
-(:mod:`cmrtool.backends.families`, sites by :mod:`cmrtool.backends.familysites`).
+(:mod:`cmrtool.backends.module.families`, sites by :mod:`cmrtool.backends.module.familysites`).
 
 Structures are recognized by module names and types, not by reading forward code; a module
 whose forward does something else is caught by compile's fold-error check, which requires an
@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from cmrtool.backends.families import layer_of
+from cmrtool.backends.module.families import layer_of
 from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
 
 __all__ = ["Tap", "find_structures", "resize_heads", "HEAD_COUNT_ATTRS"]
@@ -56,7 +56,7 @@ class Tap:
 
     modules: tuple[str, ...]
     splits: tuple[tuple[int, int, str] | None, ...]
-    expert: int | None = None  # a bank of fused experts: the value of this expert (cmrtool.backends.experts)
+    expert: int | None = None  # a bank of fused experts: the value of this expert (cmrtool.backends.module.experts)
 
 
 def _linear(m: Any) -> bool:

@@ -28,7 +28,7 @@ def _names(keys: Iterable[str]) -> str:
 
 def refuse_remote_code(directory: Path) -> None:
     """Refuse a config that only the directory's own Python could load."""
-    from cmrtool.backends.hf import transformers_module
+    from cmrtool.backends.module.hf import transformers_module
 
     try:
         config = json.loads((directory / "config.json").read_text())

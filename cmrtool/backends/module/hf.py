@@ -13,7 +13,7 @@ with the plan in its metadata, ``cmrtool_plan.json`` (with ``cmrtool_plan.safete
 when the plan's affine matrices are large, :mod:`cmrtool.io.planstore`), and the input's other files
 (tokenizer…).
 Which config fields hold each family's widths and biases, and the family a model is written as
-when its own config cannot hold a folded constant, come from :mod:`cmrtool.backends.hfout`.
+when its own config cannot hold a folded constant, come from :mod:`cmrtool.backends.module.hfout`.
 Architectures that derive the head size from ``hidden_size / num_attention_heads`` (BERT, ViT)
 cannot express removed heads in their config; those and non-uniform widths get an error that
 names the outputs that work (``-o reduced.safetensors`` or ``-o reduced.onnx``).
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from cmrtool.errors import InputError, UsageError
-from cmrtool.hfcheck import check_loading_info, refuse_remote_code
+from cmrtool.backends.module.hfcheck import check_loading_info, refuse_remote_code
 from cmrtool.io.files import sha256_file
 from cmrtool.plan import Plan
 from cmrtool.io.planstore import PLAN_JSON_FILE, PLAN_TENSORS_FILE, read_dir_plan, write_dir_plan
@@ -82,8 +82,8 @@ def _sha256_dir(p: Path, weights: list[Path]) -> str:
 
 
 def load_dir(path: str | Path) -> Any:
-    """A Hugging Face directory as a :class:`~cmrtool.backends.module.ModuleModel` (its plan too, if reduced)."""
-    from cmrtool.backends.module import ModuleModel
+    """A Hugging Face directory as a :class:`~cmrtool.backends.module.model.ModuleModel` (its plan too, if reduced)."""
+    from cmrtool.backends.module.model import ModuleModel
 
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -137,8 +137,8 @@ def require_hf_input(model: Any) -> None:
 def check_dir_output(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[int, ...]], set[str]]:
     """The reduced model's config, the tensor shapes it implies (from an instance on the meta
     device), and its tied aliases; or an error saying why a directory cannot hold the model.
-    The config, and the family it is written as, come from :func:`cmrtool.backends.hfout.reduced_config`."""
-    from cmrtool.backends.hfout import reduced_config
+    The config, and the family it is written as, come from :func:`cmrtool.backends.module.hfout.reduced_config`."""
+    from cmrtool.backends.module.hfout import reduced_config
 
     require_hf_input(model)
     config, cls = reduced_config(model, plan)
@@ -165,7 +165,7 @@ def write_dir(model: Any, path: str | Path, tensors: Mapping[str, torch.Tensor],
     """Write the reduced model as a Hugging Face directory (``path`` exists and is empty)."""
     from safetensors.torch import save_file
 
-    from cmrtool.backends.checkpoint import ARCH_KEY, PLAN_KEY, unique_tensors
+    from cmrtool.backends.module.checkpoint import ARCH_KEY, PLAN_KEY, unique_tensors
 
     config, want, tied = check_dir_output(model, plan)
     canonical_added = set(tensors) - set(model.tensors())

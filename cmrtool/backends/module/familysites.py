@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmrtool.backends.families import Layer, layer_of
-from cmrtool.backends.layouts import View, piece
-from cmrtool.backends.patterns import Tap
+from cmrtool.backends.module.families import Layer, layer_of
+from cmrtool.backends.module.layouts import View, piece
+from cmrtool.backends.module.patterns import Tap
 from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
 
 __all__ = ["family_structures", "resize_family_heads", "sync_family_shapes", "eager_experts"]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmrtool.backends.layouts import split_views
+from cmrtool.backends.module.layouts import split_views
 from cmrtool.errors import InputError, UsageError
 from cmrtool.io.files import require_file, sha256_file
 from cmrtool.plan import Plan
@@ -66,7 +66,7 @@ def resolve_factory(spec: str) -> Callable[[], nn.Module]:
 def build_module(arch: str, hf_config: str | None = None) -> nn.Module:
     """A fresh, untrained model from a factory spec or ``hf:ClassName`` with its config."""
     if arch.startswith("hf:"):
-        from cmrtool.backends.hf import build_from_config
+        from cmrtool.backends.module.hf import build_from_config
 
         if hf_config is None:
             raise InputError(f"the checkpoint names Hugging Face class {arch[3:]} but carries no config", "re-run cmrtool compile on the Hugging Face directory")
@@ -106,12 +106,12 @@ def _read_tensors(path: str | Path, weights_only: bool = False) -> dict[str, tor
 
 
 def load_safetensors(path: str | Path, arch: str | None = None) -> Any:
-    """A safetensors checkpoint as a :class:`~cmrtool.backends.module.ModuleModel`.
+    """A safetensors checkpoint as a :class:`~cmrtool.backends.module.model.ModuleModel`.
 
     A reduced checkpoint (with a plan) rebuilds itself from its metadata; a plain state dict
     needs ``arch``.
     """
-    from cmrtool.backends.module import ModuleModel
+    from cmrtool.backends.module.model import ModuleModel
 
     meta = read_metadata(path)
     if PLAN_KEY in meta:
@@ -138,7 +138,7 @@ def load_reduced(path: str | Path, arch: str | None = None) -> Any:
         >>> reduced = load_reduced("reduced.safetensors")
         >>> logits = reduced.forward([x])
     """
-    from cmrtool.backends.module import ModuleModel
+    from cmrtool.backends.module.model import ModuleModel
     from cmrtool.compile.fold import fold
 
     meta = read_metadata(path)
@@ -163,7 +163,7 @@ def load_reduced(path: str | Path, arch: str | None = None) -> Any:
 def _hf_config(arch: str, text: str | None) -> Any:
     if not arch.startswith("hf:") or text is None:
         return None
-    from cmrtool.backends.hf import config_from_json
+    from cmrtool.backends.module.hf import config_from_json
 
     return config_from_json(arch[3:], text)
 
