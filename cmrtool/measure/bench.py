@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from cmrtool import __version__
-from cmrtool.api import usable_cpus
+from cmrtool.runtime import usable_cpus
 from cmrtool.errors import InputError, UsageError
 from cmrtool.measure.macs import MacCount, profile_macs, site_macs
 from cmrtool.measure.precision import Target, dtype_name, resolve_device, resolve_dtype
