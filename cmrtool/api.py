@@ -193,7 +193,8 @@ def compile(
     equal widths), or ``.onnx``; ``onnx`` additionally exports the reduced model to that file.
     """
     from cmrtool.reduce.affine import check_parents, check_ridge
-    from cmrtool.compile.run import check_allocation, compile_model, output_kind
+    from cmrtool.reduce.plans import check_allocation
+    from cmrtool.compile.run import compile_model, output_kind
     from cmrtool.score.criteria import AFFINE_MODES, REPLACEMENT_MODES, get_criterion
     from cmrtool.io.data import open_data
     from cmrtool.io.files import check_output_name, check_output_path, read_bytes

@@ -11,7 +11,8 @@ from helpers import CASES, SAMPLES, TinyMLP, build, inputs_for, save_ts, write_d
 from cmrtool import api
 from cmrtool.studies.audit import kendall, rescaled_tensors, spearman
 from cmrtool.backends.torchscript.model import TorchScriptModel
-from cmrtool.compile.run import compile_model, compose, make_plan
+from cmrtool.compile.run import compile_model
+from cmrtool.reduce.plans import compose, make_plan
 from cmrtool.io.data import Dataset
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan

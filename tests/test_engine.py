@@ -19,7 +19,7 @@ transformers.utils.logging.set_verbosity_error()
 from cmrtool import api  # noqa: E402
 from cmrtool.backends import load_model  # noqa: E402
 from cmrtool.backends.module.checkpoint import load_reduced  # noqa: E402
-from cmrtool.compile.run import clamp_edits, fold_error, site_ranks  # noqa: E402
+from cmrtool.compile.clamp import clamp_edits, fold_error, site_ranks  # noqa: E402
 from cmrtool.io.data import Dataset  # noqa: E402
 from cmrtool.errors import UsageError  # noqa: E402
 from cmrtool.compile.fold import fold  # noqa: E402

@@ -8,7 +8,9 @@ import torch
 from helpers import CASES, SAMPLES, UNFOLDABLE, ZeroPadConv, build, inputs_for, save_ts, write_data
 
 from cmrtool.backends.torchscript.model import TorchScriptModel
-from cmrtool.compile.run import clamp_edits, compile_model, fold_error, make_plan, site_ranks
+from cmrtool.compile.clamp import clamp_edits, fold_error, site_ranks
+from cmrtool.compile.run import compile_model
+from cmrtool.reduce.plans import make_plan
 from cmrtool.io.data import Dataset
 from cmrtool.score.scoring import score_model
 

@@ -23,7 +23,7 @@ from cmrtool import api  # noqa: E402
 from cmrtool.backends import load_model  # noqa: E402
 from cmrtool.backends.module.families import family_of  # noqa: E402
 from cmrtool.backends.module.layouts import View, join_views, split_views  # noqa: E402
-from cmrtool.compile.run import clamp_edits, site_ranks  # noqa: E402
+from cmrtool.compile.clamp import clamp_edits, site_ranks  # noqa: E402
 from cmrtool.errors import InputError, UsageError  # noqa: E402
 from cmrtool.compile.fold import fold  # noqa: E402
 

@@ -13,7 +13,7 @@ from helpers import SAMPLES
 from safetensors.torch import load_file
 
 from cmrtool.backends.torchscript.model import TorchScriptModel
-from cmrtool.compile.run import make_plan
+from cmrtool.reduce.plans import make_plan
 from cmrtool.io.data import Dataset
 from cmrtool.score.scoring import score_model
 from cmrtool.testing.models import digits_convnet, digits_mlp

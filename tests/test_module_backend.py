@@ -12,7 +12,9 @@ from safetensors.torch import save_file
 from cmrtool.backends import load_model
 from cmrtool.backends.module.checkpoint import load_reduced
 from cmrtool.backends.torchscript.model import TorchScriptModel
-from cmrtool.compile.run import clamp_edits, compile_model, fold_error, make_plan, site_ranks
+from cmrtool.compile.clamp import clamp_edits, fold_error, site_ranks
+from cmrtool.compile.run import compile_model
+from cmrtool.reduce.plans import make_plan
 from cmrtool.io.data import Dataset
 from cmrtool.errors import InputError, UsageError
 from cmrtool.io.files import check_output_path

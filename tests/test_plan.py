@@ -6,7 +6,7 @@ import pytest
 from helpers import SAMPLES
 
 from cmrtool.backends.torchscript.model import TorchScriptModel
-from cmrtool.compile.run import make_plan
+from cmrtool.reduce.plans import make_plan
 from cmrtool.io.data import Dataset
 from cmrtool.errors import InputError
 from cmrtool.plan import Plan, Replacement, SitePlan

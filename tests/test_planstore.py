@@ -171,7 +171,7 @@ def test_engine_directory_holds_the_matrices_beside_a_small_plan_and_verifies(wi
 
 def test_engine_single_file_and_whole_model_directory_round_trip(wide, tmp_path):
     from cmrtool import api
-    from cmrtool.compile.run import fold_error
+    from cmrtool.compile.clamp import fold_error
     from cmrtool.io.data import Dataset
 
     model, data = wide

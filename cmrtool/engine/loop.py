@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from cmrtool import distributed
-from cmrtool.compile.run import FoldError, clamp_edits, site_ranks
+from cmrtool.compile.clamp import FoldError, clamp_edits, site_ranks
 from cmrtool.engine.blocks import BlockStack
 from cmrtool.engine.buffer import BlockData, BufferPool
 from cmrtool.engine.record import Recorder, correct, share_outputs

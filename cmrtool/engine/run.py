@@ -167,7 +167,7 @@ def compile_dir(
 def _fold_only(stack: BlockStack, chosen: Sequence[Site], report: ScoreReport | None, plan_args: dict[str, Any], write: Callable[[str, torch.Tensor], None]) -> BlockRun:
     """Compile from scores without calibration data: plan and fold each layer, no forward."""
     from cmrtool.backends.module.hfout import zero_replacements
-    from cmrtool.compile.run import make_plan
+    from cmrtool.reduce.plans import make_plan
     from cmrtool.engine.memory import peak_rss_bytes
     from cmrtool.compile.fold import fold
 

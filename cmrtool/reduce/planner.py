@@ -15,7 +15,7 @@ calibration data), and the shrink's 5 clamped passes per site are what made it s
 from 1 to ``keep`` geometrically (``keep^(i/K)`` of each site's width after step i); after every
 step the plan so far is compiled into a temporary model, which is scored afresh, so later
 choices see the earlier replacements. The steps' plans compose into one plan on the original
-model (:func:`cmrtool.compile.run.compose`), which is what gets folded.
+model (:func:`cmrtool.reduce.plans.compose`), which is what gets folded.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cmrtool.compile.run import compose, make_plan, with_affine, with_constants
+from cmrtool.reduce.plans import compose, make_plan, with_affine, with_constants
 from cmrtool.score.criteria import AFFINE_MODES
 from cmrtool.errors import UsageError
 from cmrtool.plan import Plan, Replacement, SitePlan
@@ -120,7 +120,7 @@ def _shrink(model: Any, data: Any, start: Plan, fitted: Plan, batch_size: int, s
     import torch
     import torch.nn.functional as F
 
-    from cmrtool.compile.run import clamp_edits, site_ranks
+    from cmrtool.compile.clamp import clamp_edits, site_ranks
 
     x = list(data.read(0, min(data.n, samples), labels=False).inputs)
     with torch.no_grad():

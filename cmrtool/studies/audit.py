@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cmrtool import __version__
-from cmrtool.compile.run import make_plan
+from cmrtool.reduce.plans import make_plan
 from cmrtool.errors import UnsupportedModelError
 from cmrtool.score.scoring import score_model
 from cmrtool.sites import Site
@@ -201,7 +201,7 @@ def audit(
 
 def _validate(model: Any, data: Any, criteria: Sequence[str], sites: Sequence[Site], n_units: int, batch_size: int) -> dict[str, Any]:
     """ΔKL of replacing each sampled unit alone by its mean, vs each criterion's scores."""
-    from cmrtool.compile.run import _unit_shape
+    from cmrtool.compile.clamp import _unit_shape
 
     g = torch.Generator().manual_seed(zlib.crc32(b"validate"))
     pool = [(s, j) for s in sites for j in range(s.width)]

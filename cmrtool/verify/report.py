@@ -681,7 +681,7 @@ def verify(
     """
     import contextlib
 
-    from cmrtool.compile.run import clamp_edits, site_ranks
+    from cmrtool.compile.clamp import clamp_edits, site_ranks
     from cmrtool.errors import UsageError
     from cmrtool.compile.export import onnx_parity
 
