@@ -115,7 +115,7 @@ def inspect(
     """List the sites a model offers for reduction: kind, width, activation, fold kind, consumers; and its parameters and MACs."""
     from cmrtool import api
     from cmrtool.cli import render
-    from cmrtool.backends.torchscript.model import no_sites_hint
+    from cmrtool.backends.torchscript.discover import no_sites_hint
     from cmrtool.errors import UnsupportedModelError
 
     out = _output(json_mode, quiet)

@@ -13,7 +13,7 @@ Three ways to get J:
 - **closed form** for a site whose consumer's output is the logits (``z = W a + b``): J_j is the
   consumer column ``W[:, j]`` for every sample, so nothing is differentiated;
 - **exact**: one vector-Jacobian product per class through the network after the site (the
-  graph is cut there, see :class:`cmrtool.backends.torchscript.model.Downstream`);
+  graph is cut there, see :class:`cmrtool.backends.torchscript.downstream.Downstream`);
 - **sampled**: one product with ``u = e_ŷ − p``, ŷ ~ Categorical(p) drawn from a seeded
   generator, gives ``(J_jᵀ u)²``, an unbiased estimate of h (the Monte-Carlo Fisher). Its cost
   does not grow with the number of classes; rescaling a unit by s scales it by exactly s⁻², so

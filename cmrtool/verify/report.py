@@ -26,7 +26,7 @@ between tokens).
 
 Site activations of every base and source are computed once, by the same passes that measure
 the fold error; each swap then re-runs only the network after the site
-(:class:`cmrtool.backends.torchscript.model.Downstream`; an nn.Module re-runs the whole forward with
+(:class:`cmrtool.backends.torchscript.downstream.Downstream`; an nn.Module re-runs the whole forward with
 hooks, :class:`cmrtool.backends.module.model.HookDownstream`), in batches. What makes that cheap:
 
 - masks are drawn from packed random bits (one bit per unit at p = 0.5, :func:`_bernoulli`);

@@ -123,7 +123,7 @@ class ModuleModel:
         """Raise a clear error when nothing is reducible."""
         if self.sites:
             return
-        from cmrtool.backends.torchscript.model import no_sites_hint
+        from cmrtool.backends.torchscript.discover import no_sites_hint
 
         raise UnsupportedModelError(f"no reducible sites in {self.path}", no_sites_hint(self.rejected, self.unsupported))
 

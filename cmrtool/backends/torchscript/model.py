@@ -40,47 +40,15 @@ from cmrtool.plan import Plan
 from cmrtool.io.planstore import TS_TENSORS_FILE, tensors_from_bytes, tensors_to_bytes
 from cmrtool.io.planstore import split as split_plan
 from cmrtool.sites import Consumer, Rejection, Site, TensorSlice
+from cmrtool.backends.torchscript.discover import (
+    _ACTIVATIONS, _CONV_OPS, _FLATTEN, _IDENTITY, _KNOWN_PARAM_OPS, _LINEAR_OPS, _PADS, _POOLS,
+    _conv_flags, _conv_zero_padding, _holds_tensors, _is_batch_flatten, _pad_mode, _short, no_sites_hint,
+)
+from cmrtool.backends.torchscript.downstream import Downstream, _logits
 
 __all__ = ["TorchScriptModel", "PLAN_FILE"]
 
 PLAN_FILE = "cmrtool/plan.json"
-
-_CONV_OPS = frozenset({"aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::_convolution"})
-_LINEAR_OPS = frozenset({"aten::linear"})
-_ACTIVATIONS = frozenset(
-    f"aten::{name}{suffix}"
-    for name in (
-        "relu", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "elu", "selu", "celu", "hardtanh",
-        "relu6", "hardswish", "hardsigmoid", "softplus", "mish", "clamp", "clamp_min", "prelu",
-    )
-    for suffix in ("", "_")
-)
-_IDENTITY = frozenset(
-    {
-        "aten::dropout", "aten::dropout_", "aten::feature_dropout", "aten::alpha_dropout",
-        "aten::feature_alpha_dropout", "aten::contiguous", "aten::clone", "aten::detach",
-    }
-)
-# Spatial reductions: they keep the unit axis, and the site value is taken after them.
-_POOLS = frozenset(
-    f"aten::{p}{d}"
-    for p in ("avg_pool", "max_pool", "adaptive_avg_pool", "adaptive_max_pool")
-    for d in ("1d", "2d", "3d")
-) | {"aten::mean"}
-_FLATTEN = frozenset({"aten::flatten", "aten::view", "aten::reshape"})
-_PADS = frozenset(
-    {"aten::pad", "aten::constant_pad_nd"}
-    | {f"aten::{k}_pad{d}" for k in ("reflection", "replication") for d in ("1d", "2d", "3d")}
-)
-# Layers with weights that cmrtool does not reduce; named when nothing reducible is found.
-_KNOWN_PARAM_OPS = _CONV_OPS | _LINEAR_OPS | {
-    "aten::batch_norm", "aten::layer_norm", "aten::group_norm", "aten::instance_norm", "aten::add",
-    "aten::mul", "aten::embedding", "aten::prelu",
-}
-
-
-def _short(kind: str) -> str:
-    return kind.split("::", 1)[-1]
 
 
 class TorchScriptModel:
@@ -684,153 +652,6 @@ class TorchScriptModel:
         write_with(path, save)
 
 
-class Downstream:
-    """The part of a model after its first site, as a function of that site's value.
-
-    ``capture(inputs)`` returns the clean values of every site and the *frontier* (the upstream
-    tensors the rest of the network reads, e.g. a residual stream); ``run`` re-runs only the
-    network after the first site, from a (possibly edited) first-site value and a frontier,
-    with the later sites edited in-graph by ``where(mask, fill, v)`` (or ``lerp``). So an
-    interchange intervention costs a downstream pass, not a full forward pass. With
-    :attr:`linear` set, the cut is after the Linear that alone reads the first site, and
-    ``run`` takes that Linear's output instead of the site value.
-    """
-
-    def __init__(
-        self,
-        model: TorchScriptModel,
-        order: list[str],
-        frontier: tuple[str, ...],
-        axes: tuple[tuple[int, int] | None, ...],
-        linear: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-    ) -> None:
-        self.model = model
-        self.order = order
-        self.frontier = frontier
-        self.axes = axes
-        #: ``(weight, bias)`` when the cut is after the Linear that reads the first site (see
-        #: :meth:`TorchScriptModel.downstream`): ``run`` then takes that Linear's output, and the
-        #: frontier starts with its clean value.
-        self.linear = linear
-        values = tuple(model.site(n).value for n in order)
-        self._cuts = frontier if linear is not None else (values[0],) + frontier
-        self._edits = values[1:]
-        #: whether the network after the cut reads the model's inputs (else callers may pass
-        #: any tensors of the right kind instead of gathering them per swap)
-        self.reads_inputs: bool = model.program.function(cuts=self._cuts, edits=self._edits).reads_inputs
-
-    def capture(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
-        """``(logits, {site: clean value}, frontier)`` for a batch."""
-        logits, values, frontiers = self.model.capture_for([self], inputs)
-        return logits, values, frontiers[0]
-
-    def select(self, frontier: Sequence[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-        """The frontier of the samples ``index`` (per-sample rows gathered along each batch axis)."""
-        out = []
-        for t, ax in zip(frontier, self.axes):
-            if ax is None:
-                out.append(t)
-                continue
-            axis, rows = ax
-            per = t.unflatten(axis, (-1, rows)).index_select(axis, index)
-            out.append(per.flatten(axis, axis + 1))
-        return out
-
-    def concat(self, parts: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-        """Frontiers of consecutive batches joined along their batch axes."""
-        return [
-            part[0] if ax is None else torch.cat(list(part), dim=ax[0])
-            for part, ax in zip(zip(*parts), self.axes)
-        ]
-
-    def run(
-        self,
-        inputs: Sequence[torch.Tensor],
-        first: torch.Tensor,
-        frontier: Sequence[torch.Tensor],
-        edits: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> torch.Tensor:
-        """Logits from the first site's value on (from its Linear's output for a
-        :attr:`linear` cut, whose ``frontier`` then leaves out that output): later sites edited by ``edits`` (site →
-        ``(mask, fill)``: ``where(mask, fill, v)`` for a boolean mask, ``lerp(v, fill, mask)``
-        for 0/1 float weights; see :func:`cmrtool.backends.swap.select`)."""
-        args: list[Any] = [*inputs, first, *frontier]
-        blends = []
-        for name in self.order[1:]:
-            mask, fill = (edits or {}).get(name, (_NO_EDIT, _NO_EDIT_FILL))
-            args.extend((mask, fill))
-            blends.append(mask.is_floating_point())
-        fn = self.model.program.function(cuts=self._cuts, edits=self._edits, blend_edits=blends)
-        return _logits(fn(*args))
-
-
-_NO_EDIT = torch.zeros((), dtype=torch.bool)
-_NO_EDIT_FILL = torch.zeros(())
-
-
-def _holds_tensors(obj: Any) -> bool:
-    """A weight: a tensor, or a list of tensors (e.g. an LSTM's ``_flat_weights``)."""
-    if isinstance(obj, torch.Tensor):
-        return True
-    return isinstance(obj, (list, tuple)) and bool(obj) and all(isinstance(t, torch.Tensor) for t in obj)
-
-
-def _conv_flags(node: torch._C.Node) -> tuple[bool, int]:
-    """(transposed, groups) of a convolution node."""
-    if node.kind() == "aten::_convolution":
-        return bool(const_value(node.inputsAt(6))), int(const_value(node.inputsAt(8)))
-    return False, int(const_value(node.inputsAt(6)))
-
-
-def _conv_zero_padding(node: torch._C.Node, weight: torch.Tensor) -> bool:
-    pad = const_value(node.inputsAt(4))
-    if isinstance(pad, str):
-        return pad == "same" and any(k > 1 for k in weight.shape[2:])
-    pads = [pad] if isinstance(pad, int) else list(pad)
-    return any(int(p) > 0 for p in pads)
-
-
-def _pad_mode(node: torch._C.Node) -> str | None:
-    kind = node.kind()
-    if kind == "aten::constant_pad_nd":
-        return "constant"
-    if kind != "aten::pad":
-        return "reflect"  # reflection/replication pads repeat the constant
-    try:
-        mode = const_value(node.inputsAt(2))
-    except ValueError:
-        return None
-    return str(mode)
-
-
-def _is_batch_flatten(node: torch._C.Node) -> bool:
-    """flatten(x, 1, -1), or view/reshape to (n, -1): keeps the batch axis, merges the rest."""
-    try:
-        if node.kind() == "aten::flatten":
-            return int(const_value(node.inputsAt(1))) == 1 and int(const_value(node.inputsAt(2))) == -1
-        shape_node = node.inputsAt(1).node()
-        if shape_node.kind() == "prim::ListConstruct":
-            items = list(shape_node.inputs())
-            return len(items) == 2 and items[1].node().kind() == "prim::Constant" and items[1].toIValue() == -1
-        shape = const_value(node.inputsAt(1))
-        return len(shape) == 2 and shape[1] == -1
-    except (ValueError, RuntimeError, TypeError):
-        return False
-
-
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
-    raise UnsupportedModelError(
-        f"the model returns {type(out).__name__}, not logits",
-        "cmrtool needs a model whose forward returns a logits tensor (or a tuple starting with one)",
-    )
-
-
 def _load_problem(path: str, data: bytes | None, e: Exception) -> str:
     try:
         src: Any = io.BytesIO(data) if data is not None else path
@@ -844,15 +665,3 @@ def _load_problem(path: str, data: bytes | None, e: Exception) -> str:
         return "not a zip archive: truncated or not a PyTorch file"
     except Exception:
         return type(e).__name__
-
-
-def no_sites_hint(rejected: Sequence[Rejection], unsupported: Sequence[str]) -> str:
-    """One line explaining why a model has no sites."""
-    parts: list[str] = []
-    if rejected:
-        parts.append("; ".join(f"{r.name}: {r.reason}" for r in rejected[:3]))
-    if unsupported:
-        parts.append("unsupported layers: " + ", ".join(unsupported[:5]))
-    if not parts:
-        parts.append("cmrtool reduces Linear/Conv → activation → Linear/Conv chains and found none")
-    return "; ".join(parts)
