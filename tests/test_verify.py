@@ -17,7 +17,8 @@ from cmrtool.compile.run import compile_model
 from cmrtool.io.data import Dataset
 from cmrtool.plan import Plan, Replacement, SitePlan
 from cmrtool.backends.swap import select
-from cmrtool.verify.report import _bernoulli, _Cache, _downstreams, interchange, margin_certificate, prepare_interchange, wilson
+from cmrtool.verify.interchange import _bernoulli, _Cache, _downstreams, interchange, prepare_interchange
+from cmrtool.verify.metrics import margin_certificate, wilson
 
 
 class ThreeUnit(nn.Module):

@@ -142,7 +142,7 @@ def test_padding_does_not_change_the_report(lm):
 def test_token_swap_equals_a_direct_intervention(lm):
     """p = 1: the retained units of the site at (base, t) take the source's values; the low
     level's logits at t must equal a full forward with that edit."""
-    from cmrtool.verify.report import _generator
+    from cmrtool.verify.interchange import _generator
     from cmrtool.verify.lm import sample_mask, token_models
     from cmrtool.io.data import open_data
     from cmrtool.verify.token_swaps import draw_token_swaps

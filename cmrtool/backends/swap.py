@@ -9,7 +9,7 @@ activations per unit on every swap, so that cost dominated small models' verify 
 - 0/1 float weights: ``lerp(v, fill, w) = w·fill + (1 − w)·v``, the interchange formula itself,
   one vectorised pass even with a broadcast mask (3–7× faster than where). For finite values it
   equals the selection exactly (``v + 0·(fill − v)`` and ``fill − (fill − v)·0``); a non-finite
-  operand gives NaN, so callers check finiteness (:func:`cmrtool.verify.report.interchange` re-runs
+  operand gives NaN, so callers check finiteness (:func:`cmrtool.verify.interchange.interchange` re-runs
   with boolean masks when a result is not finite).
 """
 

@@ -143,7 +143,7 @@ def verify_token_model(
 ) -> tuple[TokenFidelity, list[Any], list[str]]:
     """Per-token fidelity and one interchange result per group (sites, then all sites);
     ``swaps`` 0 skips interchange. Returns the accumulators, the results and notes."""
-    from cmrtool.verify.report import _bernoulli, _generator
+    from cmrtool.verify.interchange import _bernoulli, _generator
 
     batch = data.all()
     inputs = list(batch.inputs)
