@@ -12,6 +12,6 @@ def run() -> None:
     from cmrtool.io import interrupts
 
     interrupts.install_early()
-    from cmrtool.cli.app import run as cli_run
+    from cmrtool.cli.main import run as cli_run
 
     cli_run()

@@ -25,7 +25,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run ``cmrtool ARGS`` in-process through the real error boundary; stdout is not a TTY."""
-    from cmrtool.cli.app import main
+    from cmrtool.cli.main import main
 
     def run(*args: str, stdin: bytes | None = None) -> CliResult:
         if stdin is not None:

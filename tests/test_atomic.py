@@ -99,7 +99,7 @@ def slow_save(module, f, _extra_files=None):
     time.sleep(60)
     f.write(data[1000:])
 torch.jit.save = slow_save
-from cmrtool.cli.app import main
+from cmrtool.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """
 

@@ -368,7 +368,7 @@ def test_battery_bad_input_is_one_clean_error(case, cli, tmp_path, llama, capsys
     if case == "threads zero":  # the fixture appends --threads 2, which would win
         from conftest import CliResult
 
-        from cmrtool.cli.app import main
+        from cmrtool.cli.main import main
 
         capsys.readouterr()
         code_ = main([str(a) for a in args])

@@ -129,7 +129,7 @@ def test_cli_import_stays_light():
     import subprocess
     import sys
 
-    code = "import sys, cmrtool.cli.app; print(sorted({'torch', 'onnx', 'onnxruntime'} & set(sys.modules)))"
+    code = "import sys, cmrtool.cli.main; print(sorted({'torch', 'onnx', 'onnxruntime'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
