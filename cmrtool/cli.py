@@ -219,7 +219,7 @@ def compile_(
     site: SiteOpt = None,
     kind: KindOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists (never an input).")] = False,
-    check_samples: Annotated[int, typer.Option("--check-samples", help="Calibration samples used to measure the fold error (0 skips the check). Layer-by-layer models check every layer in float64 on the first samples, at most 512 tokens.")] = 256,
+    check_samples: Annotated[int, typer.Option("--check-samples", help="Calibration samples used to measure the fold error (0 skips the check). Layer-by-layer models check every layer in float64 on a window of 64 kept tokens of the first samples.")] = 256,
     onnx: Annotated[Optional[str], typer.Option("--onnx", help="Also export the reduced model to this .onnx file, checked with onnx.checker and onnxruntime (needs --calib).", show_default=False)] = None,
     batch_size: BatchOpt = 256,
     seed: SeedOpt = 0,

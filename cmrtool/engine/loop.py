@@ -53,7 +53,7 @@ from cmrtool.plan import Plan, SitePlan
 from cmrtool.scoring import ScoreReport, SiteScores, score_model
 from cmrtool.sites import Site
 
-__all__ = ["BlockRun", "Calibration", "run_blocks", "calibration_inputs", "scratch", "fold_error_of", "check_exact"]
+__all__ = ["BlockRun", "Calibration", "run_blocks", "check_window", "calibration_inputs", "scratch", "fold_error_of", "check_exact"]
 
 Log = Callable[[str], None]
 
@@ -114,6 +114,7 @@ class BlockRun:
     peak_rss: int
     buffer_bytes: int
     spilled_bytes: int
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _block_report(scores: ScoreReport | None, names: set[str]) -> ScoreReport | None:
@@ -143,14 +144,23 @@ def _checked_fold(
     """
     block = stack.block(i, raw, torch.float64)
     tensors = block.tensors()
-    # The fold of the checkpoint's tensors (the names written); the rest of the block (e.g. the
-    # rotary buffer of the stack around the layer) is joined unchanged for the reduced module.
-    folded = fold({k: tensors[k] for k in raw}, block.sites, plan).tensors if all(k in tensors for k in raw) else None
-    whole = fold(tensors, block.sites, plan).tensors if folded is None else {**tensors, **folded}
-    if folded is None:  # a layer whose checkpoint names differ from its canonical ones (views)
+    if all(k in tensors for k in raw):
+        # The fold of the checkpoint's tensors (the names written), in float64 from the tensors
+        # as read (rows and columns selected before they are widened); the rest of the block
+        # (e.g. the rotary buffer of the stack around the layer) is joined unchanged for the
+        # reduced module. Unchanged tensors are written as read.
+        result = fold(raw, block.sites, plan, dtype=torch.float64)
+        new = {k: result.tensors[k] for k in (*result.changed, *result.added)}
+        whole = {**tensors, **new}
+        out = {k: new[k].to(raw[k].dtype if k in raw else stack.checkpoint_dtype) if k in new else v
+               for k, v in result.tensors.items()}
+        del result, new
+    else:  # a layer whose checkpoint names differ from its canonical ones (views)
+        whole = fold(tensors, block.sites, plan).tensors
         folded = fold({k: v.to(torch.float64) for k, v in raw.items()}, block.sites, plan).tensors
-    out = {k: v.to(raw[k].dtype if k in raw else stack.checkpoint_dtype) for k, v in folded.items()}
-    del tensors, folded
+        out = {k: v.to(raw[k].dtype if k in raw else stack.checkpoint_dtype) for k, v in folded.items()}
+        del folded
+    del tensors
     x = x.to(torch.float64)
     names = [sp.name for sp in plan.sites]
     with torch.no_grad():
@@ -166,6 +176,28 @@ def _checked_fold(
     diff = float((result - clamped)[keep].abs().max())
     scale = max(float(clamped[keep].abs().max()), 1e-30)
     return out, (diff, diff / scale)
+
+
+def check_window(mask: torch.Tensor, options: EngineOptions) -> tuple[torch.Tensor, slice] | None:
+    """The fold check's inputs: which sequences (rows) and which token positions (one window).
+
+    At most ``check_samples`` sequences, a sixteenth of them, and ``check_tokens`` tokens in all,
+    taken from sequences that have kept tokens, in a window that starts at the first kept
+    position (left padding skipped). The reduced and the clamped layer must agree on *any*
+    input, so a short window is as strict a test of the fold as a whole sequence; its float64
+    passes are the one per-layer cost that does not shrink with the calibration set, so it is
+    kept small. None when no sequence has a kept token.
+    """
+    n, t = mask.shape
+    live = mask.bool().any(1).nonzero().flatten()
+    if live.numel() == 0:
+        return None
+    count = max(1, min(options.check_samples, max(1, n // 16), max(1, options.check_tokens // max(t, 1)), int(live.numel())))
+    rows = live[:count]
+    length = max(1, min(t, options.check_tokens // count))
+    first = int(mask[rows].bool().any(0).nonzero()[0])
+    start = min(first, t - length)
+    return rows, slice(start, start + length)
 
 
 def _merge_plans(plans: Sequence[Plan], sha256: str, extra: tuple[tuple[str, Any], ...]) -> Plan:
@@ -248,11 +280,8 @@ def run_blocks(
     fold_errors: list[tuple[float, float]] = []
     written: dict[str, tuple[int, ...]] = {}
     param_delta = 0
-    check_rows = 0
-    if compiling and options.check_samples > 0:
-        # A slice of the calibration set: at most check_tokens tokens and a sixteenth of the
-        # sequences (the float64 check runs two layers, so it stays a small share of the time).
-        check_rows = max(1, min(options.check_samples, max(1, n // 16), options.check_tokens // max(t, 1)))
+    check = check_window(mask, options) if compiling and options.check_samples > 0 else None
+    check_rows = 0 if check is None else int(check[0].numel())
     last = max(by_layer) if by_layer else -1
     tokens = calib.tokens
     pool = BufferPool(options.budget, work if work is not None else Path(tempfile.gettempdir()))
@@ -260,22 +289,28 @@ def run_blocks(
     h_out = pool.allocate((n, t, hidden), stack.dtype)
     widest = max((sum(s.width for s in ss if s.kind == "neuron") for ss in by_layer.values()), default=0)
     site_buf = pool.allocate((tokens, widest), stack.dtype) if sequential and widest else None
-    for b0 in range(0, n, options.batch_size):
-        part = {k: v[b0 : b0 + options.batch_size] for k, v in calib.inputs.items()}
-        h_in[b0 : b0 + options.batch_size] = stack.embed(part)
+    phases = dict.fromkeys(("embed", "read", "statistics", "check", "fold", "write"), 0.0)
+    clock = _Clock(phases)
+    with clock("embed"):
+        for b0 in range(0, n, options.batch_size):
+            part = {k: v[b0 : b0 + options.batch_size] for k, v in calib.inputs.items()}
+            h_in[b0 : b0 + options.batch_size] = stack.embed(part)
     for i in range(len(stack)):
         t0 = time.perf_counter()
         if not compiling and i > last:
             break
-        raw = stack.read_layer(i)
+        with clock("read"):
+            raw = stack.read_layer(i)
         mine = by_layer.get(i, [])
         if i > last:  # nothing left to reduce: the layer is copied as it is, without running it
-            for k, v in raw.items():
-                if write is not None:
-                    write(k, v)
-                written[k] = tuple(v.shape)
+            with clock("write"):
+                for k, v in raw.items():
+                    if write is not None:
+                        write(k, v)
+                    written[k] = tuple(v.shape)
             del raw
             continue
+        started = time.perf_counter()  # the statistics pass (and the recorded outputs)
         block = stack.block(i, raw)
         data = BlockData(h_in, mask)
         fast = _fast_sites(stack, mine, sequential)
@@ -302,6 +337,7 @@ def run_blocks(
                 for batch in data.batches(options.batch_size):
                     block.run(batch.inputs, capture=list(values))
         block.recorder = None
+        phases["statistics"] += time.perf_counter() - started
         if compiling:
             replaced = plan is not None and any(sp.replaced for sp in plan.sites)
             if sequential and replaced:
@@ -321,15 +357,20 @@ def run_blocks(
             release()
             if replaced and check_rows:  # one float64 fold: checked here, cast and written below
                 assert plan is not None
-                tensors, error = _checked_fold(stack, i, raw, plan, h_in[:check_rows], mask[:check_rows])
+                assert check is not None
+                rows, cols = check
+                with clock("check"):
+                    tensors, error = _checked_fold(stack, i, raw, plan, h_in[rows][:, cols], mask[rows][:, cols])
                 fold_errors.append(error)
             else:
-                tensors = fold(raw, sites, plan).tensors if plan is not None else raw
-            for k, v in tensors.items():
-                if write is not None:
-                    write(k, v)
-                written[k] = tuple(v.shape)
-                param_delta += v.numel() - (raw[k].numel() if k in raw else 0)
+                with clock("fold"):
+                    tensors = fold(raw, sites, plan).tensors if plan is not None else raw
+            with clock("write"):
+                for k, v in tensors.items():
+                    if write is not None:
+                        write(k, v)
+                    written[k] = tuple(v.shape)
+                    param_delta += v.numel() - (raw[k].numel() if k in raw else 0)
             del tensors, raw
         else:
             del block, raw
@@ -341,7 +382,23 @@ def run_blocks(
                 f"RSS {rss_bytes() / 2**30:.2f} GB")
     buffers = 2 * n * t * hidden * stack.dtype.itemsize + (site_buf.numel() * site_buf.element_size() if site_buf is not None else 0)
     return BlockRun(plans, site_scores, fold_errors, written, param_delta, check_rows, time.perf_counter() - start,
-                    peak_rss_bytes(), buffers, pool.spilled)
+                    peak_rss_bytes(), buffers, pool.spilled, phases)
+
+
+class _Clock:
+    """Wall seconds per phase of the loop (the compile report's ``engine.phases``), so a slow run
+    says where its time went."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases = phases
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] += time.perf_counter() - t0
 
 
 def fold_error_of(run: BlockRun) -> FoldError | None:

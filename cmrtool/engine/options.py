@@ -70,7 +70,7 @@ class EngineOptions:
     batch_size: int = 256
     batch_tokens: int = 2048
     check_samples: int = 256
-    check_tokens: int = 512
+    check_tokens: int = 64
     progress: bool = False
 
     def __post_init__(self) -> None:
