@@ -115,6 +115,7 @@ class BlockRun:
     buffer_bytes: int
     spilled_bytes: int
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    check_tokens: int = 0
 
 
 def _block_report(scores: ScoreReport | None, names: set[str]) -> ScoreReport | None:
@@ -282,6 +283,7 @@ def run_blocks(
     param_delta = 0
     check = check_window(mask, options) if compiling and options.check_samples > 0 else None
     check_rows = 0 if check is None else int(check[0].numel())
+    check_tokens = 0 if check is None else int(mask[check[0]][:, check[1]].sum())
     last = max(by_layer) if by_layer else -1
     tokens = calib.tokens
     pool = BufferPool(options.budget, work if work is not None else Path(tempfile.gettempdir()))
@@ -382,7 +384,7 @@ def run_blocks(
                 f"RSS {rss_bytes() / 2**30:.2f} GB")
     buffers = 2 * n * t * hidden * stack.dtype.itemsize + (site_buf.numel() * site_buf.element_size() if site_buf is not None else 0)
     return BlockRun(plans, site_scores, fold_errors, written, param_delta, check_rows, time.perf_counter() - start,
-                    peak_rss_bytes(), buffers, pool.spilled, phases)
+                    peak_rss_bytes(), buffers, pool.spilled, phases, check_tokens)
 
 
 class _Clock:

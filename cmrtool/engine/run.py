@@ -159,7 +159,8 @@ def compile_dir(
     fe = fold_error_of(run)
     notes = [f"processed block by block ({options.calibration if cal is not None else 'no'} calibration); weights written in {dtype}"]
     if fe is not None:
-        notes.append(f"fold error checked per layer in float64 on {fe.samples} calibration sequences")
+        where = f"{run.check_tokens} kept tokens of " if run.check_tokens else ""
+        notes.append(f"fold error checked per layer in float64 on {where}{fe.samples} calibration sequence{'s' if fe.samples != 1 else ''}")
     engine = {"blocks": len(stack) + 2, "seconds": run.seconds, "peak_rss_bytes": run.peak_rss,
               "buffer_bytes": run.buffer_bytes, "spilled_bytes": run.spilled_bytes,
               "phases": {k: round(v, 3) for k, v in run.phases.items()}}
