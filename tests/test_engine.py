@@ -343,3 +343,51 @@ def test_compile_reports_where_its_time_went_and_hashes_beside_the_work(models, 
     assert sum(phases.values()) <= r.engine["seconds"] + phases["copy"] + phases["finish"] + 1e-3
     stack = BlockStack(models / "llama")
     assert stack.sha256 == stack.meta.sha256 == _sha256_dir(stack.path, stack.weights.files) == r.plan.source_sha256
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(_llama()).to(torch.bfloat16).save_pretrained(str(root / "m"))
+    return root / "m"
+
+
+def test_fold_check_is_float64_on_the_first_layer_and_a_float32_screen_after(models, bf16_llama, tmp_path):
+    from cmrtool.engine.loop import screen_tolerance  # noqa: F401  (the bound the report is held to)
+
+    r = api.compile(bf16_llama, tmp_path / "a.safetensors", calib=models / "pad9.safetensors", keep=0.5, kinds=["neuron"])
+    check = r.engine["fold_check"]
+    assert check["mode"] == "auto" and check["float64_layers"] == [0] and check["float32_layers"] == 2
+    assert 0 < check["float32_max_relative"] <= 4 * torch.finfo(torch.float32).eps * 24**0.5  # width 24
+    assert r.fold_error.relative <= 1e-10 and any("screened in float32" in n for n in r.notes)
+    every = api.compile(bf16_llama, tmp_path / "b.safetensors", calib=models / "pad9.safetensors", keep=0.5, kinds=["neuron"],
+                        fold_check="float64")
+    assert every.engine["fold_check"]["float64_layers"] == [0, 1, 2] and every.engine["fold_check"]["float32_layers"] == 0
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the check never changes what is written
+
+
+def test_a_layer_above_the_screen_bound_is_decided_in_float64(models, bf16_llama, tmp_path, monkeypatch):
+    from cmrtool.engine import loop
+    from cmrtool.errors import CmrError
+
+    monkeypatch.setattr(loop, "screen_tolerance", lambda dtype, plan: 0.0)  # every screen escalates
+    r = api.compile(bf16_llama, tmp_path / "a.safetensors", calib=models / "pad9.safetensors", keep=0.5, kinds=["neuron"])
+    assert r.engine["fold_check"]["float64_layers"] == [0, 1, 2] and r.engine["fold_check"]["float32_layers"] == 2
+    assert r.fold_error.relative <= 1e-10  # rounding, confirmed exact in float64: no false alarm
+
+    real = loop.fold
+
+    def broken(tensors, sites, plan, dtype=None):  # a fold that is wrong in the last layer
+        result = real(tensors, sites, plan, dtype=dtype)
+        for k in result.changed:
+            if ".layers.2." in k and k.endswith("down_proj.bias"):
+                result.tensors[k] = result.tensors[k] + 1e-2
+        return result
+
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "fold", broken)
+    with pytest.raises(CmrError, match="differs from its clamped original"):
+        api.compile(bf16_llama, tmp_path / "c.safetensors", calib=models / "pad9.safetensors", keep=0.5, kinds=["neuron"])
+    assert not (tmp_path / "c.safetensors").exists()

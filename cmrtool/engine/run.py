@@ -160,10 +160,15 @@ def compile_dir(
     notes = [f"processed block by block ({options.calibration if cal is not None else 'no'} calibration); weights written in {dtype}"]
     if fe is not None:
         where = f"{run.check_tokens} kept tokens of " if run.check_tokens else ""
-        notes.append(f"fold error checked per layer in float64 on {where}{fe.samples} calibration sequence{'s' if fe.samples != 1 else ''}")
+        how = f"in float64 on {len(run.exact_layers)} layer{'s' if len(run.exact_layers) != 1 else ''}"
+        if run.screens:
+            how += f", screened in float32 on {len(run.screens)} (largest relative error {max(run.screens):.1e}, each under its rounding bound)"
+        notes.append(f"fold checked per layer on {where}{fe.samples} calibration sequence{'s' if fe.samples != 1 else ''}: {how}")
     engine = {"blocks": len(stack) + 2, "seconds": run.seconds, "peak_rss_bytes": run.peak_rss,
               "buffer_bytes": run.buffer_bytes, "spilled_bytes": run.spilled_bytes,
-              "phases": {k: round(v, 3) for k, v in run.phases.items()}}
+              "phases": {k: round(v, 3) for k, v in run.phases.items()},
+              "fold_check": {"mode": options.check, "tokens": run.check_tokens, "float64_layers": list(run.exact_layers),
+                             "float32_layers": len(run.screens), "float32_max_relative": max(run.screens, default=None)}}
     return EngineCompileReport(
         output=str(out), plan=plan, params_before=before, params_after=after, sites=tuple(rows),
         fold_error=fe, notes=tuple(notes), dtype=dtype, calibration=options.calibration if sequential or cal is None else "original",
