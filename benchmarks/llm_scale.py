@@ -1,6 +1,7 @@
 """Language models at real scale: block-by-block compile of random-weight LLaMA models.
 
     python benchmarks/llm_scale.py --sizes 135m,1.2b [--work DIR] [--threads 2] [--keep-files] [--replacement affine]
+                                   [--tokens 16x128]
 
 For each size a LLaMA-family model with random weights is written as bf16 safetensors shards,
 tensor by tensor from a meta-device model (never a whole fp32 model in memory), with random
@@ -10,20 +11,26 @@ calibration tokens; then, each as its own child process whose peak resident memo
 1. ``plain``: one plain forward pass over the same tokens, layer by layer (each layer read,
    materialized in fp32, run over all tokens, freed: the least work any layer-wise method does),
 2. ``compile``: ``python -m cmrtool compile DIR --calib tokens --kind neuron --keep 0.5 -o OUT/``
-   with the default (sequential) calibration and the default fold check (``--replacement R``
+   with the default (original) calibration and the default fold check (``--replacement R``
    is passed on when given: ``affine`` refits the removed units on all kept units),
 3. ``load``: the reduced directory loaded with stock ``from_pretrained`` with its weights left on
    disk (``device_map={"": "disk"}``, needs ``accelerate``; parameters on the meta device) and its
    tensor shapes compared with the expected ones (``intermediate_size`` halved).
 
 Printed per size: peak RSS of compile; peak RSS ÷ (largest layer in fp32 + the calibration
-buffers compile reports); compile wall time; wall time ÷ the plain forward's wall time (both
-measured in the same run, one after the other, on the same machine). This driver never imports
+buffers compile reports); compile wall time (the whole process: start-up, hashing the input, copying the embeddings and
+writing the output included); wall time ÷ the plain forward's wall time (only the layers' pass,
+inside its process; both measured in the same run, one after the other, on the same machine);
+and compile's own phases (``engine.phases`` of its JSON report). This driver never imports
 torch: with ``vfork`` the kernel would charge the parent's peak RSS to each child.
 
 Sizes (real shapes): 135m — 30 layers, hidden 576, FFN 1536, 9/3 heads, vocab 49152, tied
-embeddings (128 × 128 tokens); 1.2b — the Llama-3.2-1B shape (16 × 128 tokens); 8b — the
-Llama-3-8B shape (16 GB in bf16; 8 × 64 tokens, to keep the run near 30 minutes here).
+embeddings; 1.2b — the Llama-3.2-1B shape; 8b — the Llama-3-8B shape (16 GB in bf16). Calibration:
+128 sequences × 128 tokens (16,384 tokens, the set of the measurements that motivated the engine)
+for 135m and 1.2b; 16 × 128 (2,048 tokens) for 8b, to keep its run near 30 minutes here.
+``--tokens NxT`` overrides it for every size (compile's per-run and per-layer costs — start-up,
+hashing, writing, the float64 fold check on 64 tokens per layer — do not shrink with the
+calibration set, so the time ratio is larger at fewer tokens).
 """
 
 from __future__ import annotations
@@ -43,23 +50,22 @@ SHAPES = {
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                  vocab_size=49152, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=2048, tokens=(128, 128)),
     "1.2b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                 vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192, tokens=(16, 128)),
+                 vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192, tokens=(128, 128)),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192, tokens=(8, 64)),
+               vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192, tokens=(16, 128)),
 }
 
 
 # -- children (these import torch) ---------------------------------------------------------------
 def _make(size: str, directory: Path) -> None:
-    """Write the random bf16 checkpoint (sharded) and calibration tokens, tensor by tensor."""
+    """Write the random bf16 checkpoint (sharded), tensor by tensor."""
     import torch
     import transformers
-    from safetensors.torch import save_file
 
     from cmrtool.engine.writer import StreamWriter
 
     shape = dict(SHAPES[size])
-    n, t = shape.pop("tokens")
+    shape.pop("tokens")
     config = transformers.LlamaConfig(**shape, dtype="bfloat16")
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
@@ -88,10 +94,18 @@ def _make(size: str, directory: Path) -> None:
     shutil.rmtree(scratch)
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(str(directory))
-    ids = torch.randint(0, config.vocab_size, (n, t), generator=g)
+
+
+def _tokens(vocab: int, n: int, t: int, path: Path) -> None:
+    """Random calibration tokens, a quarter of the sequences padded at the end."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (n, t), generator=g)
     mask = torch.ones_like(ids)
-    mask[1::4, t - t // 4 :] = 0  # a quarter of the sequences padded at the end
-    save_file({"input_ids": ids, "attention_mask": mask}, str(directory.parent / f"{directory.name}-tokens.safetensors"))
+    mask[1::4, t - t // 4 :] = 0
+    save_file({"input_ids": ids, "attention_mask": mask}, str(path))
 
 
 def _plain(directory: Path, tokens: Path, threads: int) -> None:
@@ -163,20 +177,24 @@ def _bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else 0
 
 
-def run_size(size: str, work: Path, threads: int, keep_files: bool, replacement: str | None = None) -> dict[str, object]:
+def run_size(size: str, work: Path, threads: int, keep_files: bool, replacement: str | None = None,
+             token_shape: tuple[int, int] | None = None) -> dict[str, object]:
     me = [sys.executable, str(Path(__file__).resolve())]
     directory = work / f"llama-{size}"
-    tokens = work / f"llama-{size}-tokens.safetensors"
-    out = work / f"llama-{size}-ffn50"
     shape = SHAPES[size]
-    if not (directory / "config.json").is_file() or not tokens.is_file():
+    n, t = token_shape or shape["tokens"]
+    tokens = work / f"llama-{size}-tokens-{n}x{t}.safetensors"
+    out = work / f"llama-{size}-ffn50"
+    if not (directory / "config.json").is_file():
         wall, rss, _, _ = _run_measured([*me, "_make", size, str(directory)])
         print(f"[{size}] wrote the bf16 checkpoint in {wall:.0f}s (peak RSS {rss / 2**30:.2f} GB)", file=sys.stderr)
+    if not tokens.is_file():
+        _run_measured([*me, "_tokens", str(shape["vocab_size"]), str(n), str(t), str(tokens)])
     plain_wall, plain_rss, plain_out, _ = _run_measured([*me, "_plain", str(directory), str(tokens), str(threads)])
     plain = json.loads(plain_out.strip().splitlines()[-1])["seconds"]
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "cmrtool", "compile", str(directory), "--calib", str(tokens), "--kind", "neuron", "--keep", "0.5",
-           "-o", f"{out}/", "--threads", str(threads), "--json", "--batch-size", str(max(1, 2048 // shape["tokens"][1]))]
+           "-o", f"{out}/", "--threads", str(threads), "--json", "--batch-size", str(max(1, 2048 // t))]
     if replacement:
         cmd += ["--replacement", replacement]
     wall, rss, doc_text, err = _run_measured(cmd)
@@ -187,7 +205,6 @@ def run_size(size: str, work: Path, threads: int, keep_files: bool, replacement:
     kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
     layer_fp32 = 4 * (2 * h * h + 2 * h * kv + 3 * h * f + 2 * h)
     buffers = doc["engine"]["buffer_bytes"]
-    n, t = shape["tokens"]
     row = {
         "size": size, "tokens": n * t, "sequences": n, "seq_len": t, "peak_rss_gb": rss / 2**30,
         "rss_over_block_plus_buffer": rss / (layer_fp32 + buffers), "largest_layer_fp32_gb": layer_fp32 / 2**30,
@@ -195,7 +212,7 @@ def run_size(size: str, work: Path, threads: int, keep_files: bool, replacement:
         "plain_forward_peak_rss_gb": plain_rss / 2**30, "time_ratio": wall / plain, "fold_error": doc["fold_error"],
         "fold_error_relative": doc["fold_error_relative"], "dtype": doc["dtype"], "params_before": doc["params_before"],
         "params_after": doc["params_after"], "from_pretrained_ok": load["ok"], "loaded_shapes": load["shapes"],
-        "engine_seconds": doc["engine"]["seconds"], "replacement": doc["replacement"],
+        "engine_seconds": doc["engine"]["seconds"], "phases": doc["engine"].get("phases"), "replacement": doc["replacement"],
         "plan_json_bytes": _bytes(out / "cmrtool_plan.json"), "plan_tensors_bytes": _bytes(out / "cmrtool_plan.safetensors"),
         "output_bytes": sum(_bytes(f) for f in out.iterdir()),
     }
@@ -214,6 +231,8 @@ def main() -> None:
             _make(rest[0], Path(rest[1]))
         elif cmd == "_plain":
             _plain(Path(rest[0]), Path(rest[1]), int(rest[2]))
+        elif cmd == "_tokens":
+            _tokens(int(rest[0]), int(rest[1]), int(rest[2]), Path(rest[3]))
         elif cmd == "_load":
             _load(Path(rest[0]), int(rest[1]))
         return
@@ -223,16 +242,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep-files", action="store_true", help="keep the checkpoints (they are reused by the next run)")
     ap.add_argument("--replacement", default=None, help="passed to compile, e.g. --replacement affine (default: compile's own)")
+    ap.add_argument("--tokens", default=None, help="calibration sequences x tokens for every size, e.g. 16x128 (default: per size)")
     a = ap.parse_args()
+    token_shape = tuple(int(v) for v in a.tokens.lower().split("x")) if a.tokens else None
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     print("size   tokens  peak RSS   RSS÷(layer+buffer)  wall      wall÷forward  fold error (rel)  from_pretrained")
     for size in a.sizes.split(","):
-        r = run_size(size.strip(), work, a.threads, a.keep_files, a.replacement)
+        r = run_size(size.strip(), work, a.threads, a.keep_files, a.replacement, token_shape)  # type: ignore[arg-type]
         print(f"{r['size']:<6} {r['tokens']:>6}  {r['peak_rss_gb']:6.2f} GB  {r['rss_over_block_plus_buffer']:8.2f}           "
               f"{r['wall_s']:7.1f} s  {r['time_ratio']:8.2f}      {r['fold_error_relative']:.2e}         {r['from_pretrained_ok']}", flush=True)
         print(f"       replacement {r['replacement']}: plan JSON {r['plan_json_bytes'] / 2**20:.2f} MB, plan tensors "
               f"{r['plan_tensors_bytes'] / 2**20:.1f} MB, output directory {r['output_bytes'] / 2**20:.0f} MB", flush=True)
+        phases = dict(r["phases"] or {})
+        phases["start-up, hashing, report"] = r["wall_s"] - sum(phases.values())
+        print("       compile phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if v >= 0.05)
+              + f"; plain forward {r['plain_forward_s']:.1f} s", flush=True)
         print(json.dumps(r), file=sys.stderr, flush=True)
 
 

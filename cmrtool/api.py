@@ -166,6 +166,7 @@ def compile(
     calibration: str = "original",
     max_memory: str | int | None = None,
     work_dir: str | Path | None = None,
+    fold_check: str = "auto",
 ) -> Any:
     """Reduce a model and write the smaller checkpoint (:class:`cmrtool.compile.run.CompileReport`).
 
@@ -186,7 +187,10 @@ def compile(
             encoders; see :class:`cmrtool.engine.EngineOptions`): ``original`` (default) or
             ``sequential`` calibration, the memory for calibration buffers (bytes or ``"4GB"``), and
             where buffers spill. Such models are reduced layer by layer, written in the
-            checkpoint's dtype, and their fold error is checked per layer in float64.
+            checkpoint's dtype, and their fold is checked per layer.
+        fold_check: block models: ``auto`` checks the first reduced layer in float64 and screens
+            the others in float32 against a rounding bound (float64 above it); ``float64`` checks
+            every layer in float64.
 
     ``output`` is the backend's checkpoint (``.pt`` for TorchScript, ``.safetensors`` for
     nn.Modules), a Hugging Face directory (ends with ``/``; Hugging Face inputs whose layers keep
@@ -244,7 +248,7 @@ def compile(
 
     engine_options = None
     if kind != "onnx" and onnx is None:
-        engine_options = _engine_options(path, arch, calibration, max_memory, work_dir, batch_size, check_samples)
+        engine_options = _engine_options(path, arch, calibration, max_memory, work_dir, batch_size, check_samples, fold_check)
     if engine_options is not None:
         from cmrtool.engine import BlockStack
 
@@ -260,7 +264,8 @@ def compile(
         from cmrtool.engine import check_supported, compile_dir
 
         check_supported(criterion if scores is None else None, replacement, schedule, joint_refit, allocation)
-        report = _read_scores(scores, stack.sha256, read_bytes)
+        # Only --scores needs the input's hash now; otherwise it is computed beside the work.
+        report = None if scores is None else _read_scores(scores, stack.sha256, read_bytes)
         plan_args = dict(keep=keep, keep_count=keep_count, round_to=round_to, schedule=1, progress=_no_progress,
                          criterion=criterion, replacement=replacement, allocation=allocation, joint_refit=joint_refit,
                          parents=parents, ridge=ridge, curvature=curvature, seed=seed, batch_size=engine_options.batch_size, loss=loss)
@@ -353,7 +358,7 @@ def _read_scores(scores: Any, sha256: str, read: Callable[[Any], bytes]) -> Any:
 
 def _engine_options(
     path: str | Path, arch: str | None, calibration: str, max_memory: str | int | None, work_dir: str | Path | None,
-    batch_size: int, check_samples: int = 0,
+    batch_size: int, check_samples: int = 0, fold_check: str = "auto",
 ) -> Any:
     """The block engine's options when ``path`` is a model it processes (else None, after
     validating the options all the same)."""
@@ -361,7 +366,7 @@ def _engine_options(
 
     options = EngineOptions(
         calibration=calibration, max_memory=parse_memory(max_memory), work_dir=None if work_dir is None else str(work_dir),
-        batch_size=batch_size, check_samples=check_samples,
+        batch_size=batch_size, check_samples=check_samples, check=fold_check,
     )
     if arch is not None or str(path) == "-" or not supports(path):
         return None

@@ -294,3 +294,100 @@ def test_a_block_satisfies_the_backend_protocol_and_declares_no_gradients(models
     require(block, "capture", "scoring")
     with pytest.raises(UnsupportedModelError, match="gradients"):
         require(block, "gradients", "cmr-const")
+
+
+def test_check_window_takes_few_kept_tokens_and_skips_left_padding():
+    from cmrtool.engine.loop import check_window
+    from cmrtool.engine.options import EngineOptions
+
+    mask = torch.ones(32, 128, dtype=torch.long)
+    mask[0] = 0  # an all-padding sequence is never checked
+    mask[1:, :100] = 0  # left padding: the window starts at the first kept token
+    rows, cols = check_window(mask, EngineOptions())
+    assert rows.tolist() == [1] and (cols.start, cols.stop) == (64, 128) and int(mask[1, cols].sum()) == 28
+    rows, cols = check_window(torch.ones(64, 4, dtype=torch.long), EngineOptions(check_tokens=12))
+    assert rows.tolist() == [0, 1, 2] and (cols.start, cols.stop) == (0, 4)  # 12 tokens: 3 sequences of 4
+    assert check_window(torch.ones(64, 4, dtype=torch.long), EngineOptions(check_samples=2)) is not None
+    assert check_window(torch.zeros(4, 8, dtype=torch.long), EngineOptions()) is None
+
+
+@pytest.mark.parametrize("replacement", ["mean", "affine"])
+def test_fold_in_float64_from_the_tensors_as_read_is_the_float64_fold(models, replacement):
+    """fold(raw, dtype=float64) — rows and columns selected before widening, the engine's check
+    path — equals folding the widened tensors, and cast back it is the default fold of raw."""
+    whole = load_model(models / "llama")
+    raw = {k: v.to(torch.bfloat16) for k, v in whole.tensors().items()}
+    wide = {k: v.to(torch.float64) for k, v in raw.items()}
+    neurons = [s for s in whole.sites if s.kind == "neuron"]
+    ds = Dataset(models / "full.safetensors", whole.arg_names, whole.required_args, whole.dtype)
+    plan = plan_reduction(whole, ds, neurons, None, 0.5, None, None, 1, _no_progress, criterion="cmr-logit", replacement=replacement,
+                          allocation="site", joint_refit=False, parents=None, ridge=1e-3, curvature="auto", seed=0, batch_size=256, loss="auto")
+    a = fold(raw, whole.sites, plan, dtype=torch.float64)
+    b = fold(wide, whole.sites, plan)
+    c = fold(raw, whole.sites, plan)
+    assert a.changed and set(a.changed) == set(b.changed)
+    for k in a.changed:
+        assert a.tensors[k].dtype == torch.float64 and torch.equal(a.tensors[k], b.tensors[k]), k
+        assert torch.equal(c.tensors[k], b.tensors[k].to(torch.bfloat16)), k
+    assert all(a.tensors[k] is raw[k] for k in raw if k not in a.changed)  # unchanged: as read
+
+
+def test_compile_reports_where_its_time_went_and_hashes_beside_the_work(models, tmp_path):
+    from cmrtool.backends.hf import _sha256_dir
+    from cmrtool.engine import BlockStack
+
+    r = api.compile(models / "llama", tmp_path / "r.safetensors", calib=models / "pad9.safetensors", keep=0.5)
+    phases = r.engine["phases"]
+    assert {"read", "statistics", "check", "write", "copy", "finish"} <= set(phases)
+    assert all(v >= 0 for v in phases.values()) and phases["statistics"] > 0 and phases["check"] > 0
+    assert sum(phases.values()) <= r.engine["seconds"] + phases["copy"] + phases["finish"] + 1e-3
+    stack = BlockStack(models / "llama")
+    assert stack.sha256 == stack.meta.sha256 == _sha256_dir(stack.path, stack.weights.files) == r.plan.source_sha256
+
+
+@pytest.fixture(scope="module")
+def bf16_llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(_llama()).to(torch.bfloat16).save_pretrained(str(root / "m"))
+    return root / "m"
+
+
+def test_fold_check_is_float64_on_the_first_layer_and_a_float32_screen_after(models, bf16_llama, tmp_path):
+    from cmrtool.engine.loop import screen_tolerance  # noqa: F401  (the bound the report is held to)
+
+    r = api.compile(bf16_llama, tmp_path / "a.safetensors", calib=models / "pad9.safetensors", keep=0.5, kinds=["neuron"])
+    check = r.engine["fold_check"]
+    assert check["mode"] == "auto" and check["float64_layers"] == [0] and check["float32_layers"] == 2
+    assert 0 < check["float32_max_relative"] <= 4 * torch.finfo(torch.float32).eps * 24**0.5  # width 24
+    assert r.fold_error.relative <= 1e-10 and any("screened in float32" in n for n in r.notes)
+    every = api.compile(bf16_llama, tmp_path / "b.safetensors", calib=models / "pad9.safetensors", keep=0.5, kinds=["neuron"],
+                        fold_check="float64")
+    assert every.engine["fold_check"]["float64_layers"] == [0, 1, 2] and every.engine["fold_check"]["float32_layers"] == 0
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the check never changes what is written
+
+
+def test_a_layer_above_the_screen_bound_is_decided_in_float64(models, bf16_llama, tmp_path, monkeypatch):
+    from cmrtool.engine import loop
+    from cmrtool.errors import CmrError
+
+    monkeypatch.setattr(loop, "screen_tolerance", lambda dtype, plan: 0.0)  # every screen escalates
+    r = api.compile(bf16_llama, tmp_path / "a.safetensors", calib=models / "pad9.safetensors", keep=0.5, kinds=["neuron"])
+    assert r.engine["fold_check"]["float64_layers"] == [0, 1, 2] and r.engine["fold_check"]["float32_layers"] == 2
+    assert r.fold_error.relative <= 1e-10  # rounding, confirmed exact in float64: no false alarm
+
+    real = loop.fold
+
+    def broken(tensors, sites, plan, dtype=None):  # a fold that is wrong in the last layer
+        result = real(tensors, sites, plan, dtype=dtype)
+        for k in result.changed:
+            if ".layers.2." in k and k.endswith("down_proj.bias"):
+                result.tensors[k] = result.tensors[k] + 1e-2
+        return result
+
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "fold", broken)
+    with pytest.raises(CmrError, match="differs from its clamped original"):
+        api.compile(bf16_llama, tmp_path / "c.safetensors", calib=models / "pad9.safetensors", keep=0.5, kinds=["neuron"])
+    assert not (tmp_path / "c.safetensors").exists()

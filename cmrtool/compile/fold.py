@@ -73,16 +73,21 @@ def _contribution(
 ) -> torch.Tensor:
     """``d = Σ_{j∈S} c_j · (everything unit j feeds into each output)`` in float64, shape (out,)."""
     w = weight.to(torch.float64)
-    if group != 1:  # one value per column of the unit's block (checked by fold)
-        return w[:, unit_columns(consumer, width, replaced)] @ values
     if consumer.op == "conv":
         per_unit = w[:, list(replaced)].reshape(w.shape[0], len(replaced), -1).sum(-1)  # (out, |S|)
         return per_unit @ values
     cols = unit_columns(consumer, width, replaced)
-    if consumer.layout == "strided" and consumer.block > 1:
-        return w[:, cols] @ _strided_values(cols, width, replaced, values)
-    per_col = values.repeat_interleave(consumer.block)
-    return w[:, cols] @ per_col
+    if group != 1:  # one value per column of the unit's block (checked by fold)
+        per_col = values
+    elif consumer.layout == "strided" and consumer.block > 1:
+        per_col = _strided_values(cols, width, replaced, values)
+    else:
+        per_col = values.repeat_interleave(consumer.block)
+    # W c over all columns, zero at the kept ones: one matrix-vector product, several times
+    # faster than gathering the replaced columns of a large consumer first.
+    full = torch.zeros(w.shape[1], dtype=torch.float64)
+    full[cols] = per_col
+    return w @ full
 
 
 def _strided_values(cols: torch.Tensor, width: int, replaced: Sequence[int], values: torch.Tensor) -> torch.Tensor:
@@ -103,7 +108,7 @@ def _fold_affine_columns(current: torch.Tensor, original: torch.Tensor, consumer
         cols_j = unit_columns(consumer, width, [j])
         for p, beta in zip(parents, coefs):
             w[:, unit_columns(consumer, width, [p])] += beta * src[:, cols_j]
-    return w.to(current.dtype)
+    return w  # float64: the caller casts once
 
 
 def _fold_dense_columns(current: torch.Tensor, original: torch.Tensor, consumer: Consumer, width: int, sp: Any) -> torch.Tensor:
@@ -119,7 +124,7 @@ def _fold_dense_columns(current: torch.Tensor, original: torch.Tensor, consumer:
     if sp.group != 1:
         cols_s, cols_k = unit_columns(consumer, width, sp.replaced), unit_columns(consumer, width, sp.kept)
         w[:, cols_k] += src[:, cols_s] @ coef
-        return w.to(current.dtype)
+        return w  # float64: the caller casts once
     kept, rep = torch.as_tensor(sp.kept, dtype=torch.long), torch.as_tensor(sp.replaced, dtype=torch.long)
     strided = consumer.op == "linear" and consumer.layout == "strided" and consumer.block > 1
     shape = (w.shape[0], consumer.block, width) if strided else (w.shape[0], width, -1)
@@ -128,16 +133,20 @@ def _fold_dense_columns(current: torch.Tensor, original: torch.Tensor, consumer:
         view[:, :, kept] += torch.einsum("obs,sk->obk", sview[:, :, rep], coef)
     else:
         view[:, kept] += torch.einsum("osr,sk->okr", sview[:, rep], coef)
-    return view.reshape(current.shape).to(current.dtype)
+    return view.reshape(current.shape)  # float64: the caller casts once
 
 
-def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan) -> FoldResult:
+def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan, dtype: torch.dtype | None = None) -> FoldResult:
     """Apply ``plan`` to ``tensors``; return the reduced tensors.
 
     Args:
         tensors: every parameter and buffer of the model by name (not modified).
         sites: the model's sites (those named by the plan must be among them).
         plan: kept/replaced units and constants per site.
+        dtype: the dtype of the changed and added tensors (default: each tensor's own). The
+            fold is computed in float64 either way; ``float64`` here returns it unrounded, with
+            rows and columns selected before they are widened (the unchanged tensors are
+            returned as they are).
 
     Raises:
         InputError: the plan names a site the model does not have, or widths differ.
@@ -174,23 +183,23 @@ def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan)
             w = tensors[c.weight]
             d = _contribution(w, c, site.width, sp.replaced, values, site.group)
             if sp.replacement.matrix:
-                out[c.weight] = _fold_dense_columns(out[c.weight], w, c, site.width, sp)
+                out[c.weight] = _fold_dense_columns(out[c.weight], w, c, site.width, sp).to(dtype or w.dtype)
             elif sp.replacement.kind == "affine":
-                out[c.weight] = _fold_affine_columns(out[c.weight], w, c, site.width, sp.replaced, sp.replacement)
+                out[c.weight] = _fold_affine_columns(out[c.weight], w, c, site.width, sp.replaced, sp.replacement).to(dtype or w.dtype)
             target = c.fold_target
             assert target is not None
             if c.fold_mode == "bias":
                 cur = out[target]
-                out[target] = (cur.to(torch.float64) + d).to(cur.dtype)
+                out[target] = (cur.to(torch.float64) + d).to(dtype or cur.dtype)
             elif c.fold_mode == "new-bias":
                 cur = out.get(target)
                 base = cur.to(torch.float64) if cur is not None else torch.zeros_like(d)
-                out[target] = (base + d).to(w.dtype)
+                out[target] = (base + d).to(dtype or w.dtype)
                 if cur is None:
                     added.append(target)
             elif c.fold_mode == "bn-mean":
                 cur = out[target]
-                out[target] = (cur.to(torch.float64) - d).to(cur.dtype)
+                out[target] = (cur.to(torch.float64) - d).to(dtype or cur.dtype)
             changed.add(target)
             add_slice(c.weight, 1, unit_columns(c, site.width, sp.kept))
         for p in site.producers:
@@ -202,7 +211,7 @@ def fold(tensors: Mapping[str, torch.Tensor], sites: Sequence[Site], plan: Plan)
             continue  # an optional producer bias that nobody created
         for axis, index in ops:
             t = t.index_select(axis, index)
-        out[name] = t.contiguous()
+        out[name] = t.contiguous() if dtype is None else t.to(dtype).contiguous()
         changed.add(name)
     return FoldResult(out, tuple(added), tuple(sorted(changed)))
 

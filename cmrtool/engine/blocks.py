@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -154,12 +155,21 @@ class BlockStack:
         self.layers = self.base.layers if self.kind == "decoder" else self.base.encoder.layer
         within = "layers" if self.kind == "decoder" else "encoder.layer"
         self.layer_prefix = f"{self.prefix}.{within}" if self.prefix else within
-        self.sha256 = _sha256_dir(self.path, self.weights.files)
-        self.meta = ModuleModel(self.top, self.path, self.sha256, arch=f"hf:{type(self.top).__name__}",
+        # Hashing a large checkpoint takes seconds: it runs beside the work (file reads and
+        # hashlib release the GIL) and is waited for where the hash is first needed.
+        hashing = ThreadPoolExecutor(1, thread_name_prefix="cmrtool-sha256")
+        self._digest = hashing.submit(_sha256_dir, self.path, self.weights.files)
+        hashing.shutdown(wait=False)  # the thread ends when the hash is done
+        self.meta = ModuleModel(self.top, self.path, self._digest, arch=f"hf:{type(self.top).__name__}",
                                 hf_config=self.config, fmt="huggingface")
         self._check_names()
         self._rotary: nn.Module | None = None
         self._embeddings: nn.Module | None = None
+
+    @property
+    def sha256(self) -> str:
+        """The checkpoint's hash (config.json and every weight file)."""
+        return self._digest.result()
 
     def _check_names(self) -> None:
         """The checkpoint's tensors are exactly the ones the config's model has (names and shapes),
@@ -260,7 +270,7 @@ class BlockStack:
         state = {k[len(p) :]: (v if v.dtype == dtype else v.to(dtype)) for k, v in tensors.items() if k.startswith(p)}
         layer.load_state_dict(state, strict=True, assign=True)
         root = _LayerRoot(self._stack_for(layer, i), self.prefix)
-        return BlockModel(root, self.path, self.sha256, arch=f"hf:{type(self.top).__name__}", hf_config=self.config, fmt="huggingface")
+        return BlockModel(root, self.path, self._digest, arch=f"hf:{type(self.top).__name__}", hf_config=self.config, fmt="huggingface")
 
     def read_layer(self, i: int) -> dict[str, torch.Tensor]:
         """Layer ``i``'s tensors in the checkpoint's dtype (fresh memory, no mapping)."""

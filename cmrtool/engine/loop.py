@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,7 +54,7 @@ from cmrtool.plan import Plan, SitePlan
 from cmrtool.score.scoring import ScoreReport, SiteScores, score_model
 from cmrtool.sites import Site
 
-__all__ = ["BlockRun", "Calibration", "run_blocks", "calibration_inputs", "scratch", "fold_error_of", "check_exact"]
+__all__ = ["BlockRun", "Calibration", "run_blocks", "check_window", "calibration_inputs", "scratch", "fold_error_of", "check_exact"]
 
 Log = Callable[[str], None]
 
@@ -114,6 +115,10 @@ class BlockRun:
     peak_rss: int
     buffer_bytes: int
     spilled_bytes: int
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    check_tokens: int = 0
+    exact_layers: list[int] = dataclasses.field(default_factory=list)
+    screens: list[float] = dataclasses.field(default_factory=list)
 
 
 def _block_report(scores: ScoreReport | None, names: set[str]) -> ScoreReport | None:
@@ -130,42 +135,107 @@ def _fast_sites(stack: BlockStack, chosen: Sequence[Site], sequential: bool) -> 
     return list(chosen)
 
 
-def _checked_fold(
-    stack: BlockStack, i: int, raw: Mapping[str, torch.Tensor], plan: Plan, x: torch.Tensor, mask: torch.Tensor,
-) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
-    """Fold layer ``i`` once in float64, check it, and return it cast to the checkpoint's dtypes
-    with ``(max |reduced(x) − clamped(x)|, the same ÷ max |clamped(x)|)`` over kept tokens.
+def _folded(block: Any, raw: Mapping[str, torch.Tensor], plan: Plan, checkpoint_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Fold a layer once in float64: ``(its changed and added tensors by the block's names, in
+    float64; the tensors to write)``.
 
-    The layer's tensors already read (``raw``) are widened to float64 (exact from bf16, fp16 and
-    fp32), so each layer is read from disk once; the tensors written are the checked fold, cast
-    once (eq. A.5 in float64, then one rounding), so the check covers exactly what is written.
-    The check holds one float64 copy of the layer plus its folded tensors and nothing else of it.
+    The fold reads the tensors as read from the checkpoint (``raw``; rows and columns are
+    selected before they are widened, exactly), so each layer is read from disk once. The tensors
+    written are this fold cast once (eq. A.5 in float64, then one rounding); unchanged tensors
+    are written as read. A layer whose checkpoint names differ from the block's (stock fused or
+    transposed layouts seen as canonical views) is folded under both names.
     """
-    block = stack.block(i, raw, torch.float64)
     tensors = block.tensors()
-    # The fold of the checkpoint's tensors (the names written); the rest of the block (e.g. the
-    # rotary buffer of the stack around the layer) is joined unchanged for the reduced module.
-    folded = fold({k: tensors[k] for k in raw}, block.sites, plan).tensors if all(k in tensors for k in raw) else None
-    whole = fold(tensors, block.sites, plan).tensors if folded is None else {**tensors, **folded}
-    if folded is None:  # a layer whose checkpoint names differ from its canonical ones (views)
-        folded = fold({k: v.to(torch.float64) for k, v in raw.items()}, block.sites, plan).tensors
-    out = {k: v.to(raw[k].dtype if k in raw else stack.checkpoint_dtype) for k, v in folded.items()}
-    del tensors, folded
-    x = x.to(torch.float64)
+    if all(k in tensors for k in raw):
+        result = fold(raw, block.sites, plan, dtype=torch.float64)
+        new = {k: result.tensors[k] for k in (*result.changed, *result.added)}
+        out = {k: new[k].to(raw[k].dtype if k in raw else checkpoint_dtype) if k in new else v for k, v in result.tensors.items()}
+        return new, out
+    result = fold(tensors, block.sites, plan, dtype=torch.float64)
+    new = {k: result.tensors[k] for k in (*result.changed, *result.added)}
+    folded = fold({k: v.to(torch.float64) for k, v in raw.items()}, block.sites, plan).tensors
+    return new, {k: v.to(raw[k].dtype if k in raw else checkpoint_dtype) for k, v in folded.items()}
+
+
+def _compare(block: Any, new: Mapping[str, torch.Tensor], plan: Plan, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """``(max |reduced(x) − clamped(x)|, the same ÷ max |clamped(x)|)`` over kept tokens, in the
+    block's dtype. The block is the original layer; it is reduced in place here (so it is
+    spent)."""
+    dtype = block.dtype
+    x = x.to(dtype)
     names = [sp.name for sp in plan.sites]
     with torch.no_grad():
-        # The ranks of the site values (hook time) from one token: a third float64 pass over the
+        # The ranks of the site values (hook time) from one token: another pass over the
         # check's tokens would cost as much as the check itself.
         ranks = site_ranks(block, [x[:1, :1], torch.ones_like(mask[:1, :1])], names)
-        edits = clamp_edits(block, plan, ranks)
-        clamped = block.run([x, mask], edits=edits)[0]
-        reduced = block.reduced_module(whole, plan, in_place=True)
-        del whole
-        result = reduced(x, mask)
+        clamped = block.run([x, mask], edits=clamp_edits(block, plan, ranks))[0]
+        whole = {**block.tensors(), **{k: v.to(dtype) for k, v in new.items()}}
+        result = block.reduced_module(whole, plan, in_place=True)(x, mask)
     keep = mask.bool()
     diff = float((result - clamped)[keep].abs().max())
     scale = max(float(clamped[keep].abs().max()), 1e-30)
-    return out, (diff, diff / scale)
+    return diff, diff / scale
+
+
+def screen_tolerance(dtype: torch.dtype, plan: Plan) -> float:
+    """The float32 screen's bound on ``|reduced − clamped| ÷ max |clamped|`` for one layer:
+    ``4 · eps · √n`` with n the widest site of the layer (the consumers' fan-in over which the
+    two sides round differently). Measured: 3–5e-7 at the Llama-3-8B shape (n = 14,336), where
+    the bound is 5.7e-5."""
+    width = max((sp.width * sp.group for sp in plan.sites), default=1)
+    return 4.0 * torch.finfo(dtype).eps * math.sqrt(width)
+
+
+def _checked_fold(
+    stack: BlockStack, i: int, raw: Mapping[str, torch.Tensor], plan: Plan, x: torch.Tensor, mask: torch.Tensor,
+    block: Any | None = None, exact: bool = True,
+) -> tuple[dict[str, torch.Tensor], tuple[float, float], float | None]:
+    """Fold layer ``i`` once in float64, check it, and return ``(the tensors to write, the
+    float64 fold error (absolute, relative) or None, the float32 screen's relative error or None)``.
+
+    ``exact``: the reduced layer is compared with the original layer whose replaced units are
+    clamped, both in float64 (exact to float64 rounding whatever the depth). Otherwise it is
+    screened in the compute dtype (``block``: the layer as the statistics pass ran it, unmodified)
+    against :func:`screen_tolerance`, and a layer above the bound is checked in float64, which
+    decides: so the screen never raises a false alarm and never lets a fold error pass that
+    float64 would catch above the bound. The float64 check holds one float64 copy of the layer
+    plus its folded tensors and nothing else of it.
+    """
+    if block is None:
+        block = stack.block(i, raw)
+    new, out = _folded(block, raw, plan, stack.checkpoint_dtype)
+    screened = None
+    if not exact and block.dtype != torch.float64:
+        screened = _compare(block, new, plan, x, mask)[1]
+        if screened <= screen_tolerance(block.dtype, plan):
+            return out, None, screened
+    if block.dtype != torch.float64:  # (a screened block is spent: it was reduced in place)
+        del block
+        release()
+        block = stack.block(i, raw, torch.float64)
+    return out, _compare(block, new, plan, x, mask), screened
+
+
+def check_window(mask: torch.Tensor, options: EngineOptions) -> tuple[torch.Tensor, slice] | None:
+    """The fold check's inputs: which sequences (rows) and which token positions (one window).
+
+    At most ``check_samples`` sequences, a sixteenth of them, and ``check_tokens`` tokens in all,
+    taken from sequences that have kept tokens, in a window that starts at the first kept
+    position (left padding skipped). The reduced and the clamped layer must agree on *any*
+    input, so a short window is as strict a test of the fold as a whole sequence; its float64
+    passes are the one per-layer cost that does not shrink with the calibration set, so it is
+    kept small. None when no sequence has a kept token.
+    """
+    n, t = mask.shape
+    live = mask.bool().any(1).nonzero().flatten()
+    if live.numel() == 0:
+        return None
+    count = max(1, min(options.check_samples, max(1, n // 16), max(1, options.check_tokens // max(t, 1)), int(live.numel())))
+    rows = live[:count]
+    length = max(1, min(t, options.check_tokens // count))
+    first = int(mask[rows].bool().any(0).nonzero()[0])
+    start = min(first, t - length)
+    return rows, slice(start, start + length)
 
 
 def _merge_plans(plans: Sequence[Plan], sha256: str, extra: tuple[tuple[str, Any], ...]) -> Plan:
@@ -246,13 +316,13 @@ def run_blocks(
     plans: list[Plan] = []
     site_scores: list[SiteScores] = []
     fold_errors: list[tuple[float, float]] = []
+    exact_layers: list[int] = []  # layers checked in float64
+    screens: list[float] = []  # the float32 screen's relative errors
     written: dict[str, tuple[int, ...]] = {}
     param_delta = 0
-    check_rows = 0
-    if compiling and options.check_samples > 0:
-        # A slice of the calibration set: at most check_tokens tokens and a sixteenth of the
-        # sequences (the float64 check runs two layers, so it stays a small share of the time).
-        check_rows = max(1, min(options.check_samples, max(1, n // 16), options.check_tokens // max(t, 1)))
+    check = check_window(mask, options) if compiling and options.check_samples > 0 else None
+    check_rows = 0 if check is None else int(check[0].numel())
+    check_tokens = 0 if check is None else int(mask[check[0]][:, check[1]].sum())
     last = max(by_layer) if by_layer else -1
     tokens = calib.tokens
     pool = BufferPool(options.budget, work if work is not None else Path(tempfile.gettempdir()))
@@ -260,22 +330,28 @@ def run_blocks(
     h_out = pool.allocate((n, t, hidden), stack.dtype)
     widest = max((sum(s.width for s in ss if s.kind == "neuron") for ss in by_layer.values()), default=0)
     site_buf = pool.allocate((tokens, widest), stack.dtype) if sequential and widest else None
-    for b0 in range(0, n, options.batch_size):
-        part = {k: v[b0 : b0 + options.batch_size] for k, v in calib.inputs.items()}
-        h_in[b0 : b0 + options.batch_size] = stack.embed(part)
+    phases = dict.fromkeys(("embed", "read", "statistics", "check", "fold", "write"), 0.0)
+    clock = _Clock(phases)
+    with clock("embed"):
+        for b0 in range(0, n, options.batch_size):
+            part = {k: v[b0 : b0 + options.batch_size] for k, v in calib.inputs.items()}
+            h_in[b0 : b0 + options.batch_size] = stack.embed(part)
     for i in range(len(stack)):
         t0 = time.perf_counter()
         if not compiling and i > last:
             break
-        raw = stack.read_layer(i)
+        with clock("read"):
+            raw = stack.read_layer(i)
         mine = by_layer.get(i, [])
         if i > last:  # nothing left to reduce: the layer is copied as it is, without running it
-            for k, v in raw.items():
-                if write is not None:
-                    write(k, v)
-                written[k] = tuple(v.shape)
+            with clock("write"):
+                for k, v in raw.items():
+                    if write is not None:
+                        write(k, v)
+                    written[k] = tuple(v.shape)
             del raw
             continue
+        started = time.perf_counter()  # the statistics pass (and the recorded outputs)
         block = stack.block(i, raw)
         data = BlockData(h_in, mask)
         fast = _fast_sites(stack, mine, sequential)
@@ -302,6 +378,7 @@ def run_blocks(
                 for batch in data.batches(options.batch_size):
                     block.run(batch.inputs, capture=list(values))
         block.recorder = None
+        phases["statistics"] += time.perf_counter() - started
         if compiling:
             replaced = plan is not None and any(sp.replaced for sp in plan.sites)
             if sequential and replaced:
@@ -317,19 +394,35 @@ def run_blocks(
                             b1 = b0 + options.batch_size
                             h_out[b0:b1] = reduced(h_in[b0:b1], mask[b0:b1])
             sites = block.sites
+            # The statistics pass's layer, unmodified, screens the fold (float32) after the first
+            # checked layer; a layer reduced in place above (sequential) is rebuilt for it.
+            spare = None if (sequential and replaced and not fast) else block
             del block
-            release()
+            if spare is None:
+                release()
             if replaced and check_rows:  # one float64 fold: checked here, cast and written below
                 assert plan is not None
-                tensors, error = _checked_fold(stack, i, raw, plan, h_in[:check_rows], mask[:check_rows])
-                fold_errors.append(error)
+                assert check is not None
+                rows, cols = check
+                with clock("check"):
+                    exact = not fold_errors or options.check == "float64"
+                    tensors, error, screened = _checked_fold(stack, i, raw, plan, h_in[rows][:, cols], mask[rows][:, cols], spare, exact)
+                del spare
+                if error is not None:
+                    fold_errors.append(error)
+                    exact_layers.append(i)
+                if screened is not None:
+                    screens.append(screened)
             else:
-                tensors = fold(raw, sites, plan).tensors if plan is not None else raw
-            for k, v in tensors.items():
-                if write is not None:
-                    write(k, v)
-                written[k] = tuple(v.shape)
-                param_delta += v.numel() - (raw[k].numel() if k in raw else 0)
+                del spare
+                with clock("fold"):
+                    tensors = fold(raw, sites, plan).tensors if plan is not None else raw
+            with clock("write"):
+                for k, v in tensors.items():
+                    if write is not None:
+                        write(k, v)
+                    written[k] = tuple(v.shape)
+                    param_delta += v.numel() - (raw[k].numel() if k in raw else 0)
             del tensors, raw
         else:
             del block, raw
@@ -341,7 +434,23 @@ def run_blocks(
                 f"RSS {rss_bytes() / 2**30:.2f} GB")
     buffers = 2 * n * t * hidden * stack.dtype.itemsize + (site_buf.numel() * site_buf.element_size() if site_buf is not None else 0)
     return BlockRun(plans, site_scores, fold_errors, written, param_delta, check_rows, time.perf_counter() - start,
-                    peak_rss_bytes(), buffers, pool.spilled)
+                    peak_rss_bytes(), buffers, pool.spilled, phases, check_tokens, exact_layers, screens)
+
+
+class _Clock:
+    """Wall seconds per phase of the loop (the compile report's ``engine.phases``), so a slow run
+    says where its time went."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases = phases
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] += time.perf_counter() - t0
 
 
 def fold_error_of(run: BlockRun) -> FoldError | None:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from cmrtool.errors import UsageError
 
-__all__ = ["CALIBRATIONS", "EngineOptions", "parse_memory", "default_max_memory"]
+__all__ = ["CALIBRATIONS", "FOLD_CHECKS", "EngineOptions", "parse_memory", "default_max_memory"]
 
 CALIBRATIONS = ("sequential", "original")
+FOLD_CHECKS = ("auto", "float64")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "t": 1 << 40, "tb": 1 << 40}
 
 
@@ -61,6 +62,9 @@ class EngineOptions:
         check_samples: sequences of the per-block fold check (at most ``check_tokens`` tokens;
             0 turns the check off).
         check_tokens: token cap of the per-block fold check.
+        check: ``auto``: the first reduced layer is checked in float64, the others screened in
+            float32 against a rounding bound and checked in float64 only above it; ``float64``:
+            every layer in float64 (see :func:`cmrtool.engine.loop.screen_tolerance`).
         progress: print one line per block on stderr (tokens/s, resident memory).
     """
 
@@ -70,7 +74,8 @@ class EngineOptions:
     batch_size: int = 256
     batch_tokens: int = 2048
     check_samples: int = 256
-    check_tokens: int = 512
+    check_tokens: int = 64
+    check: str = "auto"
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -80,6 +85,8 @@ class EngineOptions:
             raise UsageError(f"--max-memory must be positive, got {self.max_memory}", "e.g. --max-memory 4GB")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}", "e.g. --batch-size 16")
+        if self.check not in FOLD_CHECKS:
+            raise UsageError(f"unknown --fold-check '{self.check}'", f"choose one of: {', '.join(FOLD_CHECKS)}")
         if self.check_samples < 0 or self.check_tokens < 1:
             raise UsageError("--check-samples must be at least 0", "e.g. --check-samples 4 (0 turns the fold check off)")
         if self.work_dir is not None:

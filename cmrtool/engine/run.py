@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,7 @@ def compile_dir(
                 return  # a zero bias made by folding zeros: the config decides whether it exists
             writer.add(name, t)
 
+        copied = time.perf_counter()
         for name in stack.weights.names():  # embeddings, final norm, head: unchanged, copied in chunks
             if name not in layer_names and name in source and distributed.is_writer():
                 info = stack.weights.info(name)
@@ -126,7 +128,9 @@ def compile_dir(
             run = _fold_only(stack, chosen, report, plan_args, write)
         else:
             run = run_blocks(stack, cal, chosen, options, plan_args=plan_args, scores=report, write=write, work=work, log=log)
+        run.phases["copy"] = run.phases.get("copy", 0.0) + time.perf_counter() - copied - run.seconds
         check_exact(run)
+        finishing = time.perf_counter()
         extra: tuple[tuple[str, Any], ...] = (("calibration", "sequential"),) if sequential else ()
         if cal is not None:
             extra += (("input_shapes", [list(s) for s in cal.shapes]),)
@@ -143,6 +147,7 @@ def compile_dir(
                         writer.add(name, t)
                     meta = {"format": "pt", PLAN_KEY: text, ARCH_KEY: arch, HF_CONFIG_KEY: stack.config.to_json_string()}
                     writer.finish(None, stage, meta)
+    run.phases["finish"] = time.perf_counter() - finishing
     rows = []
     for sp in plan.sites:
         site = stack.meta.site(sp.name)
@@ -154,9 +159,16 @@ def compile_dir(
     fe = fold_error_of(run)
     notes = [f"processed block by block ({options.calibration if cal is not None else 'no'} calibration); weights written in {dtype}"]
     if fe is not None:
-        notes.append(f"fold error checked per layer in float64 on {fe.samples} calibration sequences")
+        where = f"{run.check_tokens} kept tokens of " if run.check_tokens else ""
+        how = f"in float64 on {len(run.exact_layers)} layer{'s' if len(run.exact_layers) != 1 else ''}"
+        if run.screens:
+            how += f", screened in float32 on {len(run.screens)} (largest relative error {max(run.screens):.1e}, each under its rounding bound)"
+        notes.append(f"fold checked per layer on {where}{fe.samples} calibration sequence{'s' if fe.samples != 1 else ''}: {how}")
     engine = {"blocks": len(stack) + 2, "seconds": run.seconds, "peak_rss_bytes": run.peak_rss,
-              "buffer_bytes": run.buffer_bytes, "spilled_bytes": run.spilled_bytes}
+              "buffer_bytes": run.buffer_bytes, "spilled_bytes": run.spilled_bytes,
+              "phases": {k: round(v, 3) for k, v in run.phases.items()},
+              "fold_check": {"mode": options.check, "tokens": run.check_tokens, "float64_layers": list(run.exact_layers),
+                             "float32_layers": len(run.screens), "float32_max_relative": max(run.screens, default=None)}}
     return EngineCompileReport(
         output=str(out), plan=plan, params_before=before, params_after=after, sites=tuple(rows),
         fold_error=fe, notes=tuple(notes), dtype=dtype, calibration=options.calibration if sequential or cal is None else "original",

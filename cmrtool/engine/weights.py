@@ -99,11 +99,12 @@ class LazyWeights:
             out[order[lo:hi]] = block[sorted_ids[lo:hi] - r0].to(dtype)
         return out.reshape(*ids.shape, *info.shape[1:])
 
-    def chunks(self, name: str, chunk: int = _CHUNK) -> Iterator[bytes]:
-        """The raw bytes of tensor ``name`` in pieces of at most ``chunk`` bytes."""
+    def chunks(self, name: str, chunk: int = _CHUNK) -> Iterator[memoryview]:
+        """The raw bytes of tensor ``name`` in pieces of at most ``chunk`` bytes (views of fresh
+        buffers, so they are written without another copy)."""
         total = self.nbytes(name)
         for start in range(0, total, chunk):
-            yield self._read(name, start, min(chunk, total - start)).numpy().tobytes()
+            yield memoryview(self._read(name, start, min(chunk, total - start)).numpy())
 
     def under(self, prefix: str) -> list[str]:
         """Names of the tensors below module path ``prefix``."""

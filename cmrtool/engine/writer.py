@@ -62,7 +62,7 @@ class StreamWriter:
             self._shards.append((path, {}, 0))
         return self._shards[-1]
 
-    def add_raw(self, name: str, dtype: torch.dtype, shape: Iterable[int], pieces: Iterable[bytes], nbytes: int) -> None:
+    def add_raw(self, name: str, dtype: torch.dtype, shape: Iterable[int], pieces: Iterable[bytes | memoryview], nbytes: int) -> None:
         """Append tensor ``name`` from its raw little-endian bytes."""
         path, header, size = self._target(nbytes)
         written = 0
@@ -77,7 +77,8 @@ class StreamWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.detach().contiguous().cpu()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        # The tensor's own memory, written without a copy (a view of its bytes).
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
         self.add_raw(name, t.dtype, t.shape, [data], len(data))
 
     def finish(self, directory: str | Path | None, single: str | Path | None, metadata: dict[str, str]) -> list[Path]:

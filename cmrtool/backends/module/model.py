@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ class ModuleModel:
     """
 
     def __init__(
-        self, module: nn.Module, path: str | Path, sha256: str, arch: str | None = None, plan: Plan | None = None,
+        self, module: nn.Module, path: str | Path, sha256: str | Future[str], arch: str | None = None, plan: Plan | None = None,
         hf_config: Any = None, fmt: str = "safetensors",
     ) -> None:
         self.module = module.eval().requires_grad_(False)
@@ -84,7 +85,19 @@ class ModuleModel:
         self._discover()
         self._canonical_params = set(split_views(self._params, self.views))
 
+    @property
+    def sha256(self) -> str:
+        """The checkpoint's hash; a large checkpoint's is computed in a background thread while
+        the work starts (the block engine), and waited for here."""
+        value = self._sha256
+        return value if isinstance(value, str) else value.result()
+
+    @sha256.setter
+    def sha256(self, value: str | Future[str]) -> None:
+        self._sha256 = value
+
     # -- discovery ------------------------------------------------------------------------------
+
     def _discover(self) -> None:
         found: list[Any] = []
         config = self.hf_config if self.hf_config is not None else _transformers_config(self.module)
