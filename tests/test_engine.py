@@ -333,7 +333,7 @@ def test_fold_in_float64_from_the_tensors_as_read_is_the_float64_fold(models, re
 
 
 def test_compile_reports_where_its_time_went_and_hashes_beside_the_work(models, tmp_path):
-    from cmrtool.backends.hf import _sha256_dir
+    from cmrtool.backends.module.hf import _sha256_dir
     from cmrtool.engine import BlockStack
 
     r = api.compile(models / "llama", tmp_path / "r.safetensors", calib=models / "pad9.safetensors", keep=0.5)

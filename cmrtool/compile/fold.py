@@ -12,7 +12,7 @@ For each site with kept units K and replaced units S with constants c_S (DESIGN 
   (BatchNorm in eval computes (y − μ)/σ·γ + β, so y + d is absorbed by μ' = μ − d.)
 - an **affine** replacement ``a_j = β0 + β·a_P`` (P kept) also moves unit j's columns onto its
   parents' columns, ``W'[:, P] += W[:, j] β_Pᵀ``, and folds β0 like a constant; a **dense**
-  one (every kept unit a parent, :mod:`cmrtool.lsq`) is one product, ``W'_K = W_K + W_S B``
+  one (every kept unit a parent, :mod:`cmrtool.reduce.lsq`) is one product, ``W'_K = W_K + W_S B``
   (CMR A.5), per kernel tap / flattened position, with heads' channels as the units;
 - every **producer** keeps only the rows/out-channels/BatchNorm entries of K.
 - **grouped units** (attention heads, DESIGN §3.4): unit j owns ``group`` consecutive producer

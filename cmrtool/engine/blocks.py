@@ -11,7 +11,7 @@ bypassed (an encoder's embedding module returns ``h``; a decoder takes ``inputs_
 final norm made the identity and the pooler removed — so attention masks, rotary position
 embeddings and sliding windows are made exactly as in a whole-model forward.
 
-A block is a :class:`BlockModel`: a :class:`~cmrtool.backends.module.ModuleModel` whose module
+A block is a :class:`BlockModel`: a :class:`~cmrtool.backends.module.model.ModuleModel` whose module
 maps ``(hidden_states, attention_mask)`` to the layer's output, with the layer at its full path
 (sites are named ``model.layers.3.mlp`` as in the whole model), so site discovery, scoring,
 planning, affine fits and folding run on it unchanged. Its captures drop padding tokens: a site
@@ -173,7 +173,7 @@ class BlockStack:
 
     def _check_names(self) -> None:
         """The checkpoint's tensors are exactly the ones the config's model has (names and shapes),
-        as the whole-model loader requires (:func:`cmrtool.hfcheck.check_loading_info`)."""
+        as the whole-model loader requires (:func:`cmrtool.backends.module.hfcheck.check_loading_info`)."""
         import re
 
         from cmrtool.backends.module.hfcheck import check_loading_info

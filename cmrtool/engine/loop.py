@@ -284,10 +284,10 @@ def run_blocks(
         calib: calibration inputs.
         chosen: the sites to score or reduce (all inside layers).
         options: engine options.
-        plan_args: compile: keyword arguments of :func:`cmrtool.reduce.plan_reduction` (keep,
+        plan_args: compile: keyword arguments of :func:`cmrtool.reduce.planner.plan_reduction` (keep,
             keep_count, round_to and the ``**options``); None scores only.
         scores: compile from these scores instead of scoring (``--scores``).
-        score_args: score: keyword arguments of :func:`cmrtool.scoring.score_model`.
+        score_args: score: keyword arguments of :func:`cmrtool.score.scoring.score_model`.
         write: called with every reduced tensor of every layer (checkpoint dtype).
         work: the work directory for spilled buffers (see :func:`scratch`).
         log: one line per block (tokens/s, resident memory).

@@ -15,14 +15,14 @@ name            score for unit j                                            repl
 ``gndi``        ``E ‖Σ_pos J^{>ℓ}_j (a_j − b_j)‖₂``, b = mean (seed 003)      mean
 ``peer``        ``(1 − R²_j) · Var[a_j] · ‖W_c[:, j]‖²``, R² from peers      affine on peers
 ``cmr-lsq``     greedy OBS: output distortion after refitting on the kept     affine on all
-                units, ``‖W'_{:,j}‖²/P_jj`` accumulated (:mod:`cmrtool.lsq`)  kept units
+                units, ``‖W'_{:,j}‖²/P_jj`` accumulated (:mod:`cmrtool.reduce.lsq`)  kept units
 ``random``      seeded uniform                                               mean
 ==============  ==========================================================  ===============
 
 ``W_c[:, j]`` is everything the consumers read from unit j: a Linear column (all columns of the
 unit's block when a feature map is flattened into the Linear), or the whole conv kernel slice
 ``W[:, j, :, :]``; with several consumers the squared norms add. g and h are the per-sample loss
-gradient and Gauss-Newton curvature with respect to the unit (:mod:`cmrtool.sensitivity`).
+gradient and Gauss-Newton curvature with respect to the unit (:mod:`cmrtool.score.sensitivity`).
 
 ``cmr-logit`` is exactly invariant to the positive rescaling ``a_j → s a_j``,
 ``W_c[:, j] → W_c[:, j] / s`` (Proposition 2): ``Var`` scales by ``s²`` and the squared column
@@ -277,7 +277,7 @@ def peer(ev: Evidence) -> CriterionResult:
 @register("cmr-lsq", "greedy OBS: consumer-output distortion left after refitting the removed units on all kept units (pairs with --replacement affine)", frozenset({"moments", "cov", "consumers"}))
 def cmr_lsq(ev: Evidence) -> CriterionResult:
     # Compensation-aware: a unit scores by the distortion its removal adds once it and the units
-    # removed before it are refit on the kept ones (cmrtool.lsq.greedy_removal). The kept set at
+    # removed before it are refit on the kept ones (cmrtool.reduce.lsq.greedy_removal). The kept set at
     # any keep fraction is the greedy's, since its removal order is nested.
     from cmrtool.reduce.lsq import greedy_removal, removal_scores
 

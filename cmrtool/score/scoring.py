@@ -1,9 +1,9 @@
 """Scoring: one streaming pass over calibration data, then a criterion per site.
 
-The pass (:func:`cmrtool.evidence.collect_evidence`) gathers what the criterion needs per site:
+The pass (:func:`cmrtool.score.evidence.collect_evidence`) gathers what the criterion needs per site:
 float64 moments always, plus co-moments, loss gradients and curvature, or G-NDI sums; nothing
 of the activations is kept. The criterion then turns the evidence (and the consumer weights)
-into a score and a replacement per unit (:mod:`cmrtool.criteria`).
+into a score and a replacement per unit (:mod:`cmrtool.score.criteria`).
 
 The result, :class:`ScoreReport`, round-trips through JSON (``cmrtool score --json``), so
 ``cmrtool score … --json | cmrtool compile … --scores -`` composes.
@@ -288,7 +288,7 @@ def score_model(
     Args:
         model: a backend model (see :func:`cmrtool.backends.load_model`).
         data: calibration data bound to the model.
-        criterion: a name from :data:`cmrtool.criteria.REGISTRY`.
+        criterion: a name from :data:`cmrtool.score.criteria.REGISTRY`.
         sites: the sites to score.
         seed: seed for criteria that draw (``random``, sampled curvature).
         batch_size: samples per forward pass.
@@ -330,7 +330,7 @@ def score_model(
                 consumer_weights=consumer_matrix(site, tensors) if "consumers" in needs else None,
             )
             res = crit.fn(ev)
-        else:  # attention heads: a unit is a group of channels (cmrtool.groups)
+        else:  # attention heads: a unit is a group of channels (cmrtool.score.groups)
             res = score_grouped(crit, site, e.moments, tensors, seed)
         if res.scores.shape != (site.width,) or res.replacement.shape != (site.channels,):
             raise RuntimeError(f"criterion {criterion} returned wrong shapes for site {site.name}")

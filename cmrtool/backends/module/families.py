@@ -4,7 +4,7 @@ config describes it. A new family is one :class:`Family` entry.
 Per family (keyed by the config's ``model_type``):
 
 - **layers** (:class:`Layer`, keyed by module class name): FFNs and attention blocks whose layout
-  the generic patterns of :mod:`cmrtool.backends.patterns` do not cover — which attributes produce
+  the generic patterns of :mod:`cmrtool.backends.module.patterns` do not cover — which attributes produce
   and consume the units, whether weights are stored ``(in, out)`` (GPT-2's ``Conv1D``: producers
   are sliced along columns, consumers along rows), how a fused parameter splits (Phi-3's
   ``gate_up_proj``: gate = first half of the rows, up = second half; GPT-2's ``c_attn``: q/k/v =
@@ -20,7 +20,7 @@ Per family (keyed by the config's ``model_type``):
 - **written as**: the class-name prefix of an exactly equivalent family whose config *can* hold the biases (Mistral and
   Qwen2 as LLaMA with ``mlp_bias`` / ``attention_bias``), used when the plan folds constants the
   family itself cannot hold; otherwise those sites fall back to ``zero`` replacement
-  (:mod:`cmrtool.backends.hfout`).
+  (:mod:`cmrtool.backends.module.hfout`).
 """
 
 from __future__ import annotations

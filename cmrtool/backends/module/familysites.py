@@ -1,13 +1,13 @@
-"""Sites of the layer types in the family table (:mod:`cmrtool.backends.families`).
+"""Sites of the layer types in the family table (:mod:`cmrtool.backends.module.families`).
 
-Each table entry becomes sites over canonical tensors (:mod:`cmrtool.backends.layouts`), so
+Each table entry becomes sites over canonical tensors (:mod:`cmrtool.backends.module.layouts`), so
 folding sees every producer as rows and every consumer as columns, whatever the stock layout:
 
 - an FFN ``consumer(act(producer(x)))`` (GPT-2 ``Conv1D``, GPT-NeoX, Falcon): a neuron site named
   after the producer; a gated FFN with a fused ``gate_up_proj`` (Phi-3): unit j has two producer
   rows, gate row j and up row j (pieces ``#gate`` and ``#up``), and the site is named after the MLP;
 - a bank of experts: one site per expert, ``<experts>.<e>``, read at expert e's value
-  (:mod:`cmrtool.backends.experts`); its down projection has no bias, so its replaced units can
+  (:mod:`cmrtool.backends.module.experts`); its down projection has no bias, so its replaced units can
   only be deleted (zero replacement) in a stock checkpoint;
 - attention with a fused q/k/v producer: q, k, v blocks (GPT-2 ``c_attn`` in thirds, Phi-3
   ``qkv_proj`` in the proportions g : 1 : 1 of grouped-query attention; pieces ``#q/#k/#v``; a unit

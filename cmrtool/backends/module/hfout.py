@@ -2,7 +2,7 @@
 
 Folding a replaced unit's constant c moves ``W[:, S] c`` into the consumer's bias (Proposition 1),
 so a stock directory can hold a plan only where the config can give that consumer a bias. Per
-family (:mod:`cmrtool.backends.families`) the choice is, in order:
+family (:mod:`cmrtool.backends.module.families`) the choice is, in order:
 
 1. the family's own config: set each FFN width field (``intermediate_size``, ``ffn_dim``,
    ``n_inner``, ``moe_intermediate_size``…) and, where a constant needs a new bias, its bias flag
