@@ -188,21 +188,21 @@ def screen_tolerance(dtype: torch.dtype, plan: Plan) -> float:
 
 def _checked_fold(
     stack: BlockStack, i: int, raw: Mapping[str, torch.Tensor], plan: Plan, x: torch.Tensor, mask: torch.Tensor,
-    block: Any | None = None, exact: bool = True,
-) -> tuple[dict[str, torch.Tensor], tuple[float, float], float | None]:
+    lent: list[Any] | None = None, exact: bool = True,
+) -> tuple[dict[str, torch.Tensor], tuple[float, float] | None, float | None]:
     """Fold layer ``i`` once in float64, check it, and return ``(the tensors to write, the
     float64 fold error (absolute, relative) or None, the float32 screen's relative error or None)``.
 
     ``exact``: the reduced layer is compared with the original layer whose replaced units are
     clamped, both in float64 (exact to float64 rounding whatever the depth). Otherwise it is
-    screened in the compute dtype (``block``: the layer as the statistics pass ran it, unmodified)
-    against :func:`screen_tolerance`, and a layer above the bound is checked in float64, which
+    screened in the compute dtype (``lent``: ``[the layer as the statistics pass ran it,
+    unmodified]``, handed over so that this is its only reference and it is freed before a
+    float64 copy is made) against :func:`screen_tolerance`, and a layer above the bound is checked in float64, which
     decides: so the screen never raises a false alarm and never lets a fold error pass that
     float64 would catch above the bound. The float64 check holds one float64 copy of the layer
     plus its folded tensors and nothing else of it.
     """
-    if block is None:
-        block = stack.block(i, raw)
+    block = lent.pop() if lent else stack.block(i, raw, torch.float64 if exact else None)
     new, out = _folded(block, raw, plan, stack.checkpoint_dtype)
     screened = None
     if not exact and block.dtype != torch.float64:
@@ -396,25 +396,24 @@ def run_blocks(
             sites = block.sites
             # The statistics pass's layer, unmodified, screens the fold (float32) after the first
             # checked layer; a layer reduced in place above (sequential) is rebuilt for it.
-            spare = None if (sequential and replaced and not fast) else block
+            exact = not fold_errors or options.check == "float64"
+            lent = [] if exact or (sequential and replaced and not fast) else [block]
             del block
-            if spare is None:
+            if not lent:
                 release()
             if replaced and check_rows:  # one float64 fold: checked here, cast and written below
                 assert plan is not None
                 assert check is not None
                 rows, cols = check
                 with clock("check"):
-                    exact = not fold_errors or options.check == "float64"
-                    tensors, error, screened = _checked_fold(stack, i, raw, plan, h_in[rows][:, cols], mask[rows][:, cols], spare, exact)
-                del spare
+                    tensors, error, screened = _checked_fold(stack, i, raw, plan, h_in[rows][:, cols], mask[rows][:, cols], lent, exact)
                 if error is not None:
                     fold_errors.append(error)
                     exact_layers.append(i)
                 if screened is not None:
                     screens.append(screened)
             else:
-                del spare
+                lent.clear()
                 with clock("fold"):
                     tensors = fold(raw, sites, plan).tensors if plan is not None else raw
             with clock("write"):
