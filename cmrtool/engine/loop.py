@@ -124,8 +124,9 @@ def _block_report(scores: ScoreReport | None, names: set[str]) -> ScoreReport | 
 
 def _fast_sites(stack: BlockStack, chosen: Sequence[Site], sequential: bool) -> list[Site]:
     """Sites whose reduction the sequential pass can apply to the recorded output (decoder FFNs
-    whose consumer adds into the residual stream last); empty when the layer must re-run."""
-    if not sequential or stack.kind != "decoder" or any(s.kind != "neuron" for s in chosen):
+    whose consumer adds into the residual stream last: ``stack.ffn_last``); empty when the layer
+    must re-run."""
+    if not sequential or not stack.ffn_last or any(s.kind != "neuron" for s in chosen):
         return []
     return list(chosen)
 

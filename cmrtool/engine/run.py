@@ -111,12 +111,12 @@ def compile_dir(
         reserve = 4096 + 256 * (len(source) + len(chosen)) + 32 * sum(s.width for s in chosen)
         writer = StreamWriter(work, shard_bytes=2 << 30 if kind == "dir" else 1 << 62, reserve=reserve)
 
-        def write(name: str, t: torch.Tensor) -> None:
-            if not distributed.is_writer():
-                return
+        def put(name: str, t: torch.Tensor) -> None:
             if kind == "dir" and name not in source and not bool(t.any()):
                 return  # a zero bias made by folding zeros: the config decides whether it exists
             writer.add(name, t)
+
+        write = _stock_writer(stack, put)
 
         for name in stack.weights.names():  # embeddings, final norm, head: unchanged, copied in chunks
             if name not in layer_names and name in source and distributed.is_writer():
@@ -162,6 +162,31 @@ def compile_dir(
         fold_error=fe, notes=tuple(notes), dtype=dtype, calibration=options.calibration if sequential or cal is None else "original",
         engine=engine,
     )
+
+
+def _stock_writer(stack: BlockStack, put: Callable[[str, torch.Tensor], None]) -> Callable[[str, torch.Tensor], None]:
+    """``write(name, tensor)`` for canonical tensors (:mod:`cmrtool.backends.layouts`) that calls
+    ``put`` with stock ones: a viewed tensor's pieces are held until all of them are written, then
+    joined (GPT-2's transposed ``Conv1D``, fused projections, experts); an expert's new bias can
+    only be zero (dropped)."""
+    from cmrtool.backends.layouts import join_views
+
+    owner = {n: v for v in stack.meta.views for n in v.names()}
+    pending: dict[str, torch.Tensor] = {}
+
+    def write(name: str, t: torch.Tensor) -> None:
+        if not distributed.is_writer():
+            return
+        view = owner.get(name)
+        if view is None:
+            for k, v in join_views({name: t}, []).items():  # refuses a nonzero bias no stock tensor holds
+                put(k, v)
+            return
+        pending[name] = t
+        if all(n in pending for n in view.names()):
+            put(view.source, view.join({n: pending.pop(n) for n in view.names()}))
+
+    return write
 
 
 def _fold_only(stack: BlockStack, chosen: Sequence[Site], report: ScoreReport | None, plan_args: dict[str, Any], write: Callable[[str, torch.Tensor], None]) -> BlockRun:
