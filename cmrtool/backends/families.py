@@ -93,7 +93,9 @@ class Stack:
 
 
 _DECODER = Stack()
-_MOE = Stack(ffn_last=False)
+# Experts: transformers 5 merges a checkpoint's per-expert tensors into 3-D ones on loading (and
+# splits them on saving), so their layers go through the whole-model path.
+_MOE = None
 _ENCODER = Stack("encoder.layer", "embeddings.word_embeddings", ("pooler",), encoder=True, ffn_last=False)
 
 

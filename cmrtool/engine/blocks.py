@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,9 @@ class BlockModel(ModuleModel):
         if tap.expert is not None:  # a row per token routed to this expert (cmrtool.backends.experts)
             routed = self.module.get_submodule(tap.modules[0]).cmrtool_routed[tap.expert]
             return v[keep.reshape(-1)[routed]]
-        return v[keep] if v.dim() == 3 else v
+        if v.dim() == 3:
+            return v[keep]
+        return v[keep.reshape(-1)] if v.dim() == 2 and v.shape[0] == keep.numel() else v  # OPT flattens tokens
 
 
 class BlockStack:
@@ -202,6 +205,7 @@ class BlockStack:
         self.sha256 = _sha256_dir(self.path, self.weights.files)
         self.meta = ModuleModel(self.top, self.path, self.sha256, arch=f"hf:{type(self.top).__name__}",
                                 hf_config=self.config, fmt="huggingface")
+        self._renames: list[tuple[str, str]] | None = None
         self._check_names()
         self._contexts: dict[torch.dtype, nn.Module] = {}
         self._tokens: nn.Module | None = None
@@ -209,17 +213,31 @@ class BlockStack:
     def _check_names(self) -> None:
         """The checkpoint's tensors are exactly the ones the config's model has (names and shapes),
         as the whole-model loader requires (:func:`cmrtool.hfcheck.check_loading_info`)."""
-        import re
-
         from cmrtool.hfcheck import check_loading_info
 
         want = dict(self.top.state_dict())
-        have = set(self.weights.names())
+        have = {self.model_name(k): k for k in self.weights.names()}
         ignore = [re.compile(p) for p in (getattr(self.top, "_keys_to_ignore_on_load_unexpected", None) or [])]
         missing = [k for k in want if k not in have and not self._tied(k)]
         unexpected = [k for k in have if k not in want and not any(p.search(k) for p in ignore)]
-        resized = [k for k in want if k in have and tuple(self.weights.info(k).shape) != tuple(want[k].shape)]
+        resized = [k for k in want if k in have and tuple(self.weights.info(have[k]).shape) != tuple(want[k].shape)]
         check_loading_info(self.path, {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": resized})
+
+    def model_name(self, name: str) -> str:
+        """A checkpoint name as the model calls it: transformers' renamings on loading (GPT-NeoX's
+        ``embed_out`` is ``lm_head``). Such tensors are outside the layers and copied as they are,
+        so the output keeps the checkpoint's names and loads the same way."""
+        if self._renames is None:
+            try:
+                from transformers.conversion_mapping import get_model_conversion_mapping
+
+                rules = [t for t in get_model_conversion_mapping(self.top) if type(t).__name__ == "WeightRenaming"]
+                self._renames = [(a, b) for t in rules for a, b in zip(t.source_patterns, t.target_patterns)]
+            except (ImportError, AttributeError, TypeError):  # another transformers version: names as they are
+                self._renames = []
+        for a, b in self._renames:
+            name = re.sub(a, b, name)
+        return name
 
     def _tied(self, name: str) -> bool:
         tied = getattr(self.top, "_tied_weights_keys", None) or {}

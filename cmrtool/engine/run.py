@@ -119,9 +119,10 @@ def compile_dir(
         write = _stock_writer(stack, put)
 
         for name in stack.weights.names():  # embeddings, final norm, head: unchanged, copied in chunks
-            if name not in layer_names and name in source and distributed.is_writer():
+            model_name = stack.model_name(name)  # a directory keeps the checkpoint's names, a file the model's
+            if name not in layer_names and model_name in source and distributed.is_writer():
                 info = stack.weights.info(name)
-                writer.add_raw(name, info.dtype, info.shape, stack.weights.chunks(name), stack.weights.nbytes(name))
+                writer.add_raw(name if kind == "dir" else model_name, info.dtype, info.shape, stack.weights.chunks(name), stack.weights.nbytes(name))
         if cal is None:
             run = _fold_only(stack, chosen, report, plan_args, write)
         else:
@@ -225,10 +226,12 @@ def _finish_dir(stack: BlockStack, plan: Plan, writer: StreamWriter, stage: Path
     from cmrtool.planstore import write_dir_plan
 
     config, want, tied = check_dir_output(stack.meta, plan)
+    written = {stack.model_name(k) for k in writer.shapes}
     for k, shape in want.items():
-        if k not in writer.shapes and k not in tied and k.endswith(".bias"):  # made by mlp_bias / attention_bias: zero is exact
+        if k not in written and k not in tied and k.endswith(".bias"):  # made by mlp_bias / attention_bias: zero is exact
             writer.add(k, torch.zeros(shape, dtype=stack.checkpoint_dtype))
-    for k, shape in writer.shapes.items():
+    for name, shape in writer.shapes.items():
+        k = stack.model_name(name)
         if k not in want:
             raise UsageError(f"{type(config).__name__} cannot hold {k} (a bias the folded constants need)", f"use --replacement zero to fold nothing, {_OUTPUTS}")
         if tuple(shape) != tuple(want[k]):
