@@ -262,6 +262,17 @@ class BlockStack:
         p = self.layer_path(i) + "."
         return [v for v in self.meta.views if v.source.startswith(p)]
 
+    def calibration_data(self, path: str | Path) -> Any:
+        """The calibration file's ``input_ids``, ``attention_mask`` and ``token_type_ids``, bound
+        by name (a stack's forward may take other arguments between them, e.g. GPT-2's cache),
+        checked against the model (:func:`cmrtool.datacheck.check_data`)."""
+        from cmrtool.data import Dataset
+        from cmrtool.datacheck import check_data
+
+        ds = Dataset(path, ["input_ids", "attention_mask", "token_type_ids"], 1, self.meta.dtype)
+        check_data(ds, self.meta)
+        return ds
+
     # -- the runner around the blocks ---------------------------------------------------------
     def _materialize(self, module: nn.Module, path: str, dtype: torch.dtype, given: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         return materialize(module, path, lambda k: self.weights.get(k, dtype), self.weights.__contains__, self.top._init_weights, given)

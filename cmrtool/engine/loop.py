@@ -80,10 +80,9 @@ class Calibration:
 
 def calibration_inputs(stack: BlockStack, path: str | Path, limit: int | None = None) -> Calibration:
     """Read the calibration file for ``stack``'s model (``input_ids``, optional ``attention_mask``)."""
-    from cmrtool.data import open_data
     from cmrtool.errors import InputError
 
-    data = open_data(path, stack.meta)
+    data = stack.calibration_data(path)  # by name: GPT-2's forward takes the cache before the mask
     batch = data.all(limit)
     inputs = dict(zip(data.keys, batch.inputs))
     if "input" in inputs:
