@@ -23,7 +23,9 @@ torch: with ``vfork`` the kernel would charge the parent's peak RSS to each chil
 
 Sizes (real shapes): 135m — 30 layers, hidden 576, FFN 1536, 9/3 heads, vocab 49152, tied
 embeddings (128 × 128 tokens); 1.2b — the Llama-3.2-1B shape (16 × 128 tokens); 8b — the
-Llama-3-8B shape (16 GB in bf16; 8 × 64 tokens, to keep the run near 30 minutes here).
+Llama-3-8B shape (16 GB in bf16; 8 × 64 tokens, to keep the run near 30 minutes here);
+gemma-2b-6l — the Gemma-2B shape with 6 of its 18 layers (2.4 GB in bf16; 16 × 128 tokens), a
+non-LLaMA family through the same engine (``--sizes gemma-2b-6l``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ SHAPES = {
                  vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192, tokens=(16, 128)),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192, tokens=(8, 64)),
+    # Another family through the engine: the Gemma-2B shape (multi-query attention, head_dim 256,
+    # GeGLU FFN 16384, vocabulary 256000, embeddings scaled by sqrt(hidden)) cut to 6 of its 18
+    # layers, so the bf16 checkpoint stays near 2.4 GB.
+    "gemma-2b-6l": dict(family="Gemma", hidden_size=2048, intermediate_size=16384, num_hidden_layers=6, num_attention_heads=8,
+                        num_key_value_heads=1, head_dim=256, vocab_size=256000, tie_word_embeddings=True, rope_theta=10000.0,
+                        max_position_embeddings=8192, tokens=(16, 128)),
 }
 
 
@@ -60,9 +68,10 @@ def _make(size: str, directory: Path) -> None:
 
     shape = dict(SHAPES[size])
     n, t = shape.pop("tokens")
-    config = transformers.LlamaConfig(**shape, dtype="bfloat16")
+    family = shape.pop("family", "Llama")
+    config = getattr(transformers, f"{family}Config")(**shape, dtype="bfloat16")
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
+        model = getattr(transformers, f"{family}ForCausalLM")(config)
     directory.mkdir(parents=True, exist_ok=True)
     scratch = directory / ".parts"
     scratch.mkdir(exist_ok=True)
@@ -86,7 +95,7 @@ def _make(size: str, directory: Path) -> None:
         writer.add_raw(name, torch.bfloat16, tuple(p.shape), pieces(), p.numel() * 2)
     writer.finish(directory, None, {"format": "pt"})
     shutil.rmtree(scratch)
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [f"{family}ForCausalLM"]
     config.save_pretrained(str(directory))
     ids = torch.randint(0, config.vocab_size, (n, t), generator=g)
     mask = torch.ones_like(ids)
@@ -129,8 +138,22 @@ def _load(directory: Path, intermediate: int) -> None:
 
     try:
         import accelerate  # noqa: F401  (from_pretrained's disk offloading)
-    except ImportError:
-        print(json.dumps({"ok": None, "shapes": None, "skipped": "the load check needs accelerate: pip install accelerate"}))
+    except ImportError:  # no disk offloading: the config and the safetensors headers instead
+        from safetensors import safe_open
+
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        with torch.device("meta"):
+            want_model = transformers.AutoModelForCausalLM.from_config(config)  # the shapes stock loading expects
+        want_shapes = {k: tuple(v.shape) for k, v in want_model.state_dict().items()}
+        got_shapes = {}
+        for f in sorted(directory.glob("*.safetensors")):
+            if f.name.startswith("cmrtool_"):
+                continue
+            with safe_open(str(f), "pt") as sf:
+                got_shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+        ok = all(want_shapes.get(k) == v for k, v in got_shapes.items()) and config.intermediate_size == intermediate
+        got = (got_shapes.get("model.layers.0.mlp.gate_proj.weight"), got_shapes.get("model.layers.0.mlp.down_proj.weight"), config.intermediate_size)
+        print(json.dumps({"ok": ok, "shapes": got, "checked": "config + safetensors headers (accelerate missing)"}))
         return
     with tempfile.TemporaryDirectory() as offload:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -184,13 +207,16 @@ def run_size(size: str, work: Path, threads: int, keep_files: bool, replacement:
     _, _, load_out, _ = _run_measured([*me, "_load", str(out), str(shape["intermediate_size"] // 2)])
     load = json.loads(load_out.strip().splitlines()[-1])
     h, f = shape["hidden_size"], shape["intermediate_size"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    layer_fp32 = 4 * (2 * h * h + 2 * h * kv + 3 * h * f + 2 * h)
+    hd = shape.get("head_dim", h // shape["num_attention_heads"])
+    q, kv = hd * shape["num_attention_heads"], hd * shape["num_key_value_heads"]
+    layer_fp32 = 4 * (2 * h * q + 2 * h * kv + 3 * h * f + 2 * h)
     buffers = doc["engine"]["buffer_bytes"]
+    gram = 8 * f * f  # the widest site's float64 co-moment (Gram) matrix, which the default criterion accumulates
     n, t = shape["tokens"]
     row = {
         "size": size, "tokens": n * t, "sequences": n, "seq_len": t, "peak_rss_gb": rss / 2**30,
         "rss_over_block_plus_buffer": rss / (layer_fp32 + buffers), "largest_layer_fp32_gb": layer_fp32 / 2**30,
+        "gram_gb": gram / 2**30, "rss_over_block_buffer_gram": rss / (layer_fp32 + buffers + gram),
         "buffer_gb": buffers / 2**30, "wall_s": wall, "plain_forward_s": plain, "plain_forward_process_s": plain_wall,
         "plain_forward_peak_rss_gb": plain_rss / 2**30, "time_ratio": wall / plain, "fold_error": doc["fold_error"],
         "fold_error_relative": doc["fold_error_relative"], "dtype": doc["dtype"], "params_before": doc["params_before"],
@@ -231,6 +257,8 @@ def main() -> None:
         r = run_size(size.strip(), work, a.threads, a.keep_files, a.replacement)
         print(f"{r['size']:<6} {r['tokens']:>6}  {r['peak_rss_gb']:6.2f} GB  {r['rss_over_block_plus_buffer']:8.2f}           "
               f"{r['wall_s']:7.1f} s  {r['time_ratio']:8.2f}      {r['fold_error_relative']:.2e}         {r['from_pretrained_ok']}", flush=True)
+        print(f"       layer fp32 {r['largest_layer_fp32_gb']:.2f} GB + buffers {r['buffer_gb']:.2f} GB + FFN Gram (float64) "
+              f"{r['gram_gb']:.2f} GB: peak RSS ÷ that sum {r['rss_over_block_buffer_gram']:.2f}", flush=True)
         print(f"       replacement {r['replacement']}: plan JSON {r['plan_json_bytes'] / 2**20:.2f} MB, plan tensors "
               f"{r['plan_tensors_bytes'] / 2**20:.1f} MB, output directory {r['output_bytes'] / 2**20:.0f} MB", flush=True)
         print(json.dumps(r), file=sys.stderr, flush=True)

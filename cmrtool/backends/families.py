@@ -93,9 +93,7 @@ class Stack:
 
 
 _DECODER = Stack()
-# Experts: transformers 5 merges a checkpoint's per-expert tensors into 3-D ones on loading (and
-# splits them on saving), so their layers go through the whole-model path.
-_MOE = None
+_MOE = Stack(ffn_last=False)  # an expert's values are per routed token; Qwen2-MoE gates its shared expert
 _ENCODER = Stack("encoder.layer", "embeddings.word_embeddings", ("pooler",), encoder=True, ffn_last=False)
 
 

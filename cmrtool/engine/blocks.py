@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from torch import nn
 from cmrtool.backends.families import FAMILIES, Stack, stack_of
 from cmrtool.backends.layouts import View, join_views, split_views
 from cmrtool.backends.module import ModuleModel
+from cmrtool.engine.convert import Conversions
 from cmrtool.engine.surgery import CompactTokens, Skip, materialize, with_module
 from cmrtool.engine.weights import LazyWeights
 from cmrtool.errors import InputError
@@ -205,7 +205,7 @@ class BlockStack:
         self.sha256 = _sha256_dir(self.path, self.weights.files)
         self.meta = ModuleModel(self.top, self.path, self.sha256, arch=f"hf:{type(self.top).__name__}",
                                 hf_config=self.config, fmt="huggingface")
-        self._renames: list[tuple[str, str]] | None = None
+        self.conversions = Conversions(self.top)  # stored names and layouts ↔ the model's
         self._check_names()
         self._contexts: dict[torch.dtype, nn.Module] = {}
         self._tokens: nn.Module | None = None
@@ -213,6 +213,8 @@ class BlockStack:
     def _check_names(self) -> None:
         """The checkpoint's tensors are exactly the ones the config's model has (names and shapes),
         as the whole-model loader requires (:func:`cmrtool.hfcheck.check_loading_info`)."""
+        import re
+
         from cmrtool.hfcheck import check_loading_info
 
         want = dict(self.top.state_dict())
@@ -220,24 +222,12 @@ class BlockStack:
         ignore = [re.compile(p) for p in (getattr(self.top, "_keys_to_ignore_on_load_unexpected", None) or [])]
         missing = [k for k in want if k not in have and not self._tied(k)]
         unexpected = [k for k in have if k not in want and not any(p.search(k) for p in ignore)]
-        resized = [k for k in want if k in have and tuple(self.weights.info(have[k]).shape) != tuple(want[k].shape)]
+        resized = [k for k in want if k in have and not self.conversions.merged(have[k]) and tuple(self.weights.info(have[k]).shape) != tuple(want[k].shape)]
         check_loading_info(self.path, {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": resized})
 
     def model_name(self, name: str) -> str:
-        """A checkpoint name as the model calls it: transformers' renamings on loading (GPT-NeoX's
-        ``embed_out`` is ``lm_head``). Such tensors are outside the layers and copied as they are,
-        so the output keeps the checkpoint's names and loads the same way."""
-        if self._renames is None:
-            try:
-                from transformers.conversion_mapping import get_model_conversion_mapping
-
-                rules = [t for t in get_model_conversion_mapping(self.top) if type(t).__name__ == "WeightRenaming"]
-                self._renames = [(a, b) for t in rules for a, b in zip(t.source_patterns, t.target_patterns)]
-            except (ImportError, AttributeError, TypeError):  # another transformers version: names as they are
-                self._renames = []
-        for a, b in self._renames:
-            name = re.sub(a, b, name)
-        return name
+        """A stored tensor's name as the model calls it (:mod:`cmrtool.engine.convert`)."""
+        return self.conversions.model_name(name)
 
     def _tied(self, name: str) -> bool:
         tied = getattr(self.top, "_tied_weights_keys", None) or {}
@@ -339,9 +329,10 @@ class BlockStack:
         return BlockModel(root, self.path, self.sha256, arch=f"hf:{type(self.top).__name__}", hf_config=self.config, fmt="huggingface")
 
     def read_layer(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer ``i``'s tensors in the checkpoint's dtype (fresh memory, no mapping), in the
-        canonical layout (the names folding and writing use)."""
-        return split_views({k: self.weights.get(k) for k in self.layer_names(i)}, self.layer_views(i))
+        """Layer ``i``'s tensors in the checkpoint's dtype (fresh memory, no mapping), as the model
+        holds them (experts merged) in the canonical layout (the names folding and writing use)."""
+        stored = {k: self.weights.get(k) for k in self.layer_names(i)}
+        return split_views(self.conversions.to_model(stored), self.layer_views(i))
 
 
 def _has(module: nn.Module, path: str) -> bool:

@@ -114,7 +114,8 @@ def compile_dir(
         def put(name: str, t: torch.Tensor) -> None:
             if kind == "dir" and name not in source and not bool(t.any()):
                 return  # a zero bias made by folding zeros: the config decides whether it exists
-            writer.add(name, t)
+            for k, v in (stack.conversions.to_checkpoint({name: t}) if kind == "dir" else {name: t}).items():
+                writer.add(k, v)  # a directory in the stored format (experts one by one), as save_pretrained writes
 
         write = _stock_writer(stack, put)
 
@@ -234,7 +235,7 @@ def _finish_dir(stack: BlockStack, plan: Plan, writer: StreamWriter, stage: Path
         k = stack.model_name(name)
         if k not in want:
             raise UsageError(f"{type(config).__name__} cannot hold {k} (a bias the folded constants need)", f"use --replacement zero to fold nothing, {_OUTPUTS}")
-        if tuple(shape) != tuple(want[k]):
+        if tuple(shape) != tuple(want[k]) and not stack.conversions.merged(name):  # one expert's part of a merged tensor
             raise UsageError(f"config.json cannot express the reduced {k}: shape {tuple(shape)}, the config gives {want[k]}", f"keep those units {_OUTPUTS}")
     config.save_pretrained(str(stage))
     text = write_dir_plan(stage, plan)
