@@ -48,9 +48,20 @@ def root(tmp_path_factory):
     return root
 
 
+_ENC = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24, max_position_embeddings=40,
+            num_labels=3, initializer_range=0.3)
+ENCODERS = {  # sentence classifiers; ELECTRA's embeddings are narrower than its layers (embeddings_project)
+    "xlm-roberta": lambda: T.XLMRobertaConfig(pad_token_id=1, **_ENC),
+    "electra": lambda: T.ElectraConfig(embedding_size=8, **_ENC),
+}
+
+
 @functools.cache
 def _model(root: Path, name: str) -> Path:
     torch.manual_seed(0)
+    if name in ENCODERS:
+        T.AutoModelForSequenceClassification.from_config(ENCODERS[name]()).double().save_pretrained(str(root / name))
+        return root / name
     config = CONFIGS[name]()
     if name == "gemma2":
         config.sliding_window = 5  # shorter than the calibration: layer 0 attends through a window
@@ -63,7 +74,7 @@ def _inputs(model, path: Path) -> list[torch.Tensor]:
 
 
 def test_the_family_table_routes_these_families_through_the_engine(root, tmp_path):
-    for name in ENGINE:
+    for name in [*ENGINE, *ENCODERS]:
         assert supports(_model(root, name)), name
     torch.manual_seed(0)
     T.ViTForImageClassification(T.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
@@ -71,7 +82,7 @@ def test_the_family_table_routes_these_families_through_the_engine(root, tmp_pat
     assert not supports(tmp_path / "vit")  # no token stack: the whole-model path
 
 
-@pytest.mark.parametrize("name", ENGINE)
+@pytest.mark.parametrize("name", [*ENGINE, *ENCODERS])
 @pytest.mark.parametrize("kind", ["neuron", "head"])
 def test_compiled_equals_the_clamped_whole_model(root, name, kind, tmp_path):
     src = _model(root, name)
@@ -82,6 +93,7 @@ def test_compiled_equals_the_clamped_whole_model(root, name, kind, tmp_path):
     out = f"{tmp_path}/r/" if experts else tmp_path / "r.safetensors"
     report = api.compile(src, out, calib=root / "pad8.safetensors", kinds=[kind], keep=0.5, calibration="sequential", warn=lambda _: None)
     assert report.engine["blocks"] == 4 and report.fold_error.relative <= 1e-10 and report.calibration == "sequential"
+    assert report.engine  # processed block by block
     reduced = load_model(out) if experts else load_reduced(out)
     assert reduced.num_params() == report.params_after < report.params_before
     x = _inputs(original, root / "pad8.safetensors")
@@ -112,9 +124,21 @@ def test_directory_output_loads_stock_and_matches_the_whole_model_choice(root, n
         clamped = original.run([x], edits=edits)[0]
         got = stock(x).logits
     torch.testing.assert_close(got, clamped, rtol=1e-10, atol=1e-10 * clamped.abs().max().item())
+    stock.save_pretrained(str(tmp_path / "resaved"))  # the stored format save_pretrained writes (experts one by one, GPT-NeoX's embed_out)
+    assert _stored(tmp_path / "e") == _stored(tmp_path / "resaved")
 
 
-@pytest.mark.parametrize("name", ENGINE)
+def _stored(directory: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    out: dict[str, tuple[int, ...]] = {}
+    for f in sorted(directory.glob("model*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            out.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+    return out
+
+
+@pytest.mark.parametrize("name", [*ENGINE, *ENCODERS])
 def test_original_calibration_equals_the_whole_model_path_bit_for_bit(root, name, tmp_path):
     src = _model(root, name)
     data = root / "full.safetensors"  # no padding: the one case where both paths count the same tokens
@@ -136,7 +160,7 @@ def test_original_calibration_equals_the_whole_model_path_bit_for_bit(root, name
     assert set(written) - set(expected) <= {"plan"}  # nothing the whole-model path would not write
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gpt2", "opt"])  # windowed masks; learned positions; positions from the mask
+@pytest.mark.parametrize("name", ["gemma2", "gpt2", "opt", "xlm-roberta"])  # windowed masks; learned positions; positions from the mask; from the ids
 def test_padding_is_excluded_everywhere(root, name):
     src = _model(root, name)
     a, b = api.score(src, root / "pad8.safetensors", kinds=["neuron", "head"]), api.score(src, root / "pad10.safetensors", kinds=["neuron", "head"])

@@ -165,7 +165,7 @@ FAMILIES: tuple[Family, ...] = (
         "Qwen3-MoE", ("qwen3_moe",), mlp_bias=None, layers={"Qwen3MoeExperts": _EXPERTS}, stack=_MOE,
         widths=(("experts", "moe_intermediate_size"), ("", "intermediate_size")),
     ),
-    Family("BERT / RoBERTa", ("bert", "roberta"), mlp_bias=ALWAYS, attention_bias=ALWAYS, heads_in_config=False, stack=_ENCODER),
+    Family("BERT / RoBERTa / ELECTRA", ("bert", "roberta", "xlm-roberta", "electra"), mlp_bias=ALWAYS, attention_bias=ALWAYS, heads_in_config=False, stack=_ENCODER),
     Family("ViT", ("vit",), mlp_bias=ALWAYS, attention_bias=ALWAYS, heads_in_config=False, stack=None),
 )
 
