@@ -25,7 +25,8 @@ Sizes (real shapes): 135m — 30 layers, hidden 576, FFN 1536, 9/3 heads, vocab 
 embeddings (128 × 128 tokens); 1.2b — the Llama-3.2-1B shape (16 × 128 tokens); 8b — the
 Llama-3-8B shape (16 GB in bf16; 8 × 64 tokens, to keep the run near 30 minutes here);
 gemma-2b-6l — the Gemma-2B shape with 6 of its 18 layers (2.4 GB in bf16; 16 × 128 tokens), a
-non-LLaMA family through the same engine (``--sizes gemma-2b-6l``).
+non-LLaMA family through the same engine (``--sizes gemma-2b-6l``); qwen2-moe-2l — the
+Qwen1.5-MoE-A2.7B shape with 2 of its 24 layers (60 experts per layer, stored per expert; 2.9 GB).
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ SHAPES = {
     "gemma-2b-6l": dict(family="Gemma", hidden_size=2048, intermediate_size=16384, num_hidden_layers=6, num_attention_heads=8,
                         num_key_value_heads=1, head_dim=256, vocab_size=256000, tie_word_embeddings=True, rope_theta=10000.0,
                         max_position_embeddings=8192, tokens=(16, 128)),
+    # Experts through the engine: the Qwen1.5-MoE-A2.7B shape (60 experts of width 1408 per layer,
+    # 4 routed per token, a shared expert of width 5632) cut to 2 of its 24 layers, embeddings tied
+    # (2.9 GB in bf16); the experts are stored one tensor per expert, as save_pretrained writes them.
+    "qwen2-moe-2l": dict(family="Qwen2Moe", hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+                         shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=151936, tie_word_embeddings=True,
+                         rope_theta=1000000.0, max_position_embeddings=8192, tokens=(16, 128)),
 }
 
 
@@ -77,8 +85,17 @@ def _make(size: str, directory: Path) -> None:
     scratch.mkdir(exist_ok=True)
     writer = StreamWriter(scratch, shard_bytes=2 << 30, reserve=1 << 16)
     g = torch.Generator().manual_seed(0)
+    from cmrtool.engine.convert import Conversions
+
+    stored = Conversions(model)
     for name, p in model.state_dict().items():
         if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if p.dim() == 3:  # a bank of experts: stored one tensor per expert, as save_pretrained writes it
+            t = (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
+            for k, v in stored.to_checkpoint({name: t}).items():
+                writer.add(k, v)
+            del t
             continue
         rows = p.shape[0]
         step = max(1, (32 << 20) // max(1, p[0].numel() if p.dim() > 1 else 1))
@@ -151,8 +168,14 @@ def _load(directory: Path, intermediate: int) -> None:
                 continue
             with safe_open(str(f), "pt") as sf:
                 got_shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
-        ok = all(want_shapes.get(k) == v for k, v in got_shapes.items()) and config.intermediate_size == intermediate
-        got = (got_shapes.get("model.layers.0.mlp.gate_proj.weight"), got_shapes.get("model.layers.0.mlp.down_proj.weight"), config.intermediate_size)
+        from cmrtool.engine.convert import Conversions
+
+        conv = Conversions(want_model)  # an expert's stored tensor is one slice of a merged one
+        field = "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
+        ok = all(want_shapes.get(k) == v for k, v in got_shapes.items() if not conv.merged(k)) and getattr(config, field) == intermediate
+        ffn = [k for k in got_shapes if k.startswith("model.layers.0.mlp.") and k.endswith(("gate_proj.weight", "down_proj.weight"))]
+        got = (*(got_shapes[k] for k in sorted(ffn)[:2]), getattr(config, field))
+        ok = ok and all(intermediate in shape for shape in got[:2])
         print(json.dumps({"ok": ok, "shapes": got, "checked": "config + safetensors headers (accelerate missing)"}))
         return
     with tempfile.TemporaryDirectory() as offload:
@@ -204,14 +227,19 @@ def run_size(size: str, work: Path, threads: int, keep_files: bool, replacement:
         cmd += ["--replacement", replacement]
     wall, rss, doc_text, err = _run_measured(cmd)
     doc = json.loads(doc_text)
-    _, _, load_out, _ = _run_measured([*me, "_load", str(out), str(shape["intermediate_size"] // 2)])
+    experts = shape.get("num_experts", 0)
+    width = shape["moe_intermediate_size"] if experts else shape["intermediate_size"]
+    _, _, load_out, _ = _run_measured([*me, "_load", str(out), str(width // 2)])
     load = json.loads(load_out.strip().splitlines()[-1])
     h, f = shape["hidden_size"], shape["intermediate_size"]
     hd = shape.get("head_dim", h // shape["num_attention_heads"])
     q, kv = hd * shape["num_attention_heads"], hd * shape["num_key_value_heads"]
-    layer_fp32 = 4 * (2 * h * q + 2 * h * kv + 3 * h * f + 2 * h)
+    ffn = 3 * h * (experts * width + shape["shared_expert_intermediate_size"]) + h * experts if experts else 3 * h * f
+    layer_fp32 = 4 * (2 * h * q + 2 * h * kv + ffn + 2 * h)
     buffers = doc["engine"]["buffer_bytes"]
-    gram = 8 * f * f  # the widest site's float64 co-moment (Gram) matrix, which the default criterion accumulates
+    # The float64 co-moment (Gram) matrices the default criterion accumulates: the widest FFN's,
+    # or with experts every expert's of one layer plus the shared expert's.
+    gram = 8 * (experts * width * width + shape["shared_expert_intermediate_size"] ** 2) if experts else 8 * f * f
     n, t = shape["tokens"]
     row = {
         "size": size, "tokens": n * t, "sequences": n, "seq_len": t, "peak_rss_gb": rss / 2**30,
