@@ -92,10 +92,10 @@ def _make(size: str, directory: Path) -> None:
         if config.tie_word_embeddings and name == "lm_head.weight":
             continue
         if p.dim() == 3:  # a bank of experts: stored one tensor per expert, as save_pretrained writes it
-            t = (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
-            for k, v in stored.to_checkpoint({name: t}).items():
+            bank = (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
+            for k, v in stored.to_checkpoint({name: bank}).items():
                 writer.add(k, v)
-            del t
+            del bank
             continue
         rows = p.shape[0]
         step = max(1, (32 << 20) // max(1, p[0].numel() if p.dim() > 1 else 1))

@@ -301,8 +301,9 @@ class BlockStack:
         stack's own code before its first layer, the token table read at the batch's ids only."""
         ids = inputs["input_ids"]
         extra = {k: inputs[k] for k in ("token_type_ids",) if k in inputs}
+        # GPT-2 looks token types up in the token table too
         used = torch.unique(torch.cat([ids.reshape(-1)] + ([extra["token_type_ids"].reshape(-1)] if extra and self.kind == "decoder" else [])))
-        tokens = copy.copy(self._token_module())  # GPT-2 looks token types up in the token table too
+        tokens = copy.copy(self._token_module())
         tokens._parameters = {"weight": nn.Parameter(self.weights.gather(self.token_name, used, self.dtype), requires_grad=False)}
         runner = with_module(self._context(self.dtype), self.layout.tokens, CompactTokens(tokens, used))
         with torch.no_grad():
@@ -320,7 +321,7 @@ class BlockStack:
         state = {k[len(p) :]: (v if v.dtype == dtype else v.to(dtype)) for k, v in stock.items()}
         layer.load_state_dict(state, strict=True, assign=True)
         if any(b.is_meta for b in layer.buffers()):
-            raise InputError(f"{type(layer).__name__} keeps buffers the block engine cannot make", "compile it on the whole-model path (--arch)")
+            raise InputError(f"{type(layer).__name__} keeps buffers the block engine cannot make", "this layer type is not supported block by block; set CMRTOOL_DEBUG=1 and report it")
         holder = nn.ModuleList()
         holder._modules = {**{str(j): Skip(self.layers[j], self.layout.tuple_out) for j in range(i)}, str(i): layer}
         runner = with_module(self._context(dtype), self.layout.layers, holder)
