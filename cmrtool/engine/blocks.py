@@ -317,8 +317,9 @@ class BlockStack:
         dtype = dtype or self.dtype
         p = self.layer_path(i) + "."
         layer = copy.deepcopy(self.layers[i])
-        stock = join_views({k: v for k, v in tensors.items() if k.startswith(p)}, self.layer_views(i))
+        stock = _unsplit({k: v for k, v in tensors.items() if k.startswith(p)}, self.layer_views(i))
         state = {k[len(p) :]: (v if v.dtype == dtype else v.to(dtype)) for k, v in stock.items()}
+        del stock
         layer.load_state_dict(state, strict=True, assign=True)
         if any(b.is_meta for b in layer.buffers()):
             raise InputError(f"{type(layer).__name__} keeps buffers the block engine cannot make", "this layer type is not supported block by block; set CMRTOOL_DEBUG=1 and report it")
@@ -334,6 +335,23 @@ class BlockStack:
         holds them (experts merged) in the canonical layout (the names folding and writing use)."""
         stored = {k: self.weights.get(k) for k in self.layer_names(i)}
         return split_views(self.conversions.to_model(stored), self.layer_views(i))
+
+
+def _unsplit(tensors: Mapping[str, torch.Tensor], views: Sequence[View]) -> dict[str, torch.Tensor]:
+    """:func:`~cmrtool.backends.layouts.join_views`, except that a view whose pieces are exactly
+    the split of one tensor (as :meth:`BlockStack.read_layer` made them) gives that tensor back
+    instead of a joined copy: a 60-expert layer is not copied once more in the checkpoint's dtype."""
+    whole: dict[str, torch.Tensor] = {}
+    for v in views:
+        pieces = [tensors.get(n) for n in v.names()]
+        base = pieces[0]._base if pieces[0] is not None else None
+        if base is None or base.dtype != pieces[0].dtype or any(t is None for t in pieces):  # not the raw bytes read
+            continue
+        again = v.split(base)
+        if all(a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() for a, b in zip(again.values(), pieces)):  # type: ignore[union-attr]
+            whole[v.source] = base
+    rest = {k: t for k, t in tensors.items() if not any(k in v.names() for v in views if v.source in whole)}
+    return {**join_views(rest, [v for v in views if v.source not in whole]), **whole}
 
 
 def _has(module: nn.Module, path: str) -> bool:
