@@ -168,3 +168,27 @@ def test_padding_is_excluded_everywhere(root, name):
         torch.testing.assert_close(torch.tensor(sa.scores), torch.tensor(sb.scores), rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(torch.tensor(sa.mean), torch.tensor(sb.mean), rtol=1e-9, atol=1e-12)
         assert sa.samples == sb.samples
+
+
+@pytest.mark.parametrize("name", ["gemma", "phi3", "gpt2", "gpt_neox", "opt", "falcon"])  # the sequential fast path (ffn_last)
+def test_sequential_fast_path_sees_the_earlier_reductions(root, name, tmp_path):
+    """Layer 1's replacement constants are its FFN means over kept tokens in the model whose layer
+    0 is already reduced: the fast path (recorded output + the replaced units' change through the
+    consumer columns) must give the reduced layer's output for each family's residual layout."""
+    src = _model(root, name)
+    data = root / "pad8.safetensors"
+    plan = api.compile(src, tmp_path / "r.safetensors", calib=data, keep=0.5, kinds=["neuron"], calibration="sequential").plan
+    first, second = plan.sites
+    whole = load_model(src)
+    x = _inputs(whole, data)
+    only_first = type(plan)(plan.source_sha256, plan.criterion, (first,), plan.replacement, plan.seed, ())
+    with torch.no_grad():
+        edits = clamp_edits(whole, only_first, site_ranks(whole, x, [first.name]))
+        _, seq = whole.run(x, capture=[second.name], edits=edits)
+        _, orig = whole.run(x, capture=[second.name])
+    keep = load_file(str(data))["attention_mask"].bool()
+    mean_seq = seq[second.name].reshape(*keep.shape, -1)[keep].mean(0)
+    mean_orig = orig[second.name].reshape(*keep.shape, -1)[keep].mean(0)
+    got = torch.tensor(second.replacement.values, dtype=torch.float64)
+    torch.testing.assert_close(got, mean_seq[list(second.replaced)], rtol=1e-9, atol=1e-12)
+    assert (got - mean_orig[list(second.replaced)]).abs().max() > 1e-6

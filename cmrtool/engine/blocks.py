@@ -345,8 +345,10 @@ def _unsplit(tensors: Mapping[str, torch.Tensor], views: Sequence[View]) -> dict
     for v in views:
         pieces = [tensors.get(n) for n in v.names()]
         base = pieces[0]._base if pieces[0] is not None else None
-        if base is None or base.dtype != pieces[0].dtype or any(t is None for t in pieces):  # not the raw bytes read
+        if base is None or any(t is None for t in pieces):
             continue
+        if base.dtype != pieces[0].dtype or base.dim() != pieces[0].dim() + bool(v.experts) or base.numel() != sum(t.numel() for t in pieces):  # type: ignore[union-attr]
+            continue  # e.g. the raw bytes the tensor was read into
         again = v.split(base)
         if all(a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() for a, b in zip(again.values(), pieces)):  # type: ignore[union-attr]
             whole[v.source] = base
