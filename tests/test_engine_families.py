@@ -1,10 +1,13 @@
-"""The block engine on every family whose stack the family table describes (Gemma, Gemma-2, Phi-3,
-GPT-2, GPT-NeoX, OPT, Falcon, Qwen3; LLaMA and BERT are in test_engine.py), on the tiny float64
-models of test_families.py: the compiled model equals the original with the replaced units
-clamped (FFNs and heads, padded calibration, sequential calibration), a directory output loads
-with stock ``from_pretrained`` and matches the whole-model path's written-as choice,
-``--calibration original`` gives the whole-model path's plan and tensors bit for bit, and padding
-changes nothing where the stack makes positions and masks from the attention mask."""
+"""The block engine on every family whose stack the family table describes (Gemma, Gemma-2, Gemma-3, Phi-3,
+GPT-2, GPT-NeoX, OPT, Falcon, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE; XLM-RoBERTa and ELECTRA
+encoders; LLaMA and BERT are in test_engine.py), on the tiny float64 models of test_families.py:
+the compiled model equals the original with the replaced units clamped (FFNs and heads, padded
+calibration, sequential calibration), a directory output loads with stock ``from_pretrained``,
+makes the whole-model path's choice (units deleted where the config holds no FFN bias) and holds
+exactly the tensors ``save_pretrained`` writes (experts one by one), ``--calibration original``
+gives the whole-model path's scores, plan and tensors bit for bit, padding changes nothing where
+the stack makes positions and masks from the attention mask, and the sequential fast path gives
+the reduced layer's output for every residual layout it is used on."""
 
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from cmrtool.reduce import plan_reduction  # noqa: E402
 from cmrtool.scoring import score_model, select_sites  # noqa: E402
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
-ENGINE = ["gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "qwen3", *MOE]
+ENGINE = ["gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "qwen3", *MOE]
 T = transformers
 
 
@@ -56,9 +59,19 @@ ENCODERS = {  # sentence classifiers; ELECTRA's embeddings are narrower than its
 }
 
 
+EXTRA = {  # decoders the whole-model family table test does not build
+    "gemma3": lambda: T.Gemma3TextConfig(vocab_size=40, hidden_size=16, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=4, max_position_embeddings=32, initializer_range=0.3,
+                                         sliding_window=5, layer_types=["sliding_attention", "full_attention"]),
+}
+
+
 @functools.cache
 def _model(root: Path, name: str) -> Path:
     torch.manual_seed(0)
+    if name in EXTRA:
+        T.AutoModelForCausalLM.from_config(EXTRA[name]()).double().save_pretrained(str(root / name))
+        return root / name
     if name in ENCODERS:
         T.AutoModelForSequenceClassification.from_config(ENCODERS[name]()).double().save_pretrained(str(root / name))
         return root / name
@@ -113,7 +126,7 @@ def test_directory_output_loads_stock_and_matches_the_whole_model_choice(root, n
     notes: list[str] = []
     report = api.compile(src, f"{tmp_path}/e/", calib=data, kinds=["neuron"], keep=0.5, calibration="original", warn=notes.append)
     assert report.engine["blocks"] == 4 and report.fold_error.relative <= 1e-10
-    deleted = name in ("gemma", "gemma2", "phi3", "qwen3", *MOE)  # no FFN bias in the config: units deleted, as on the whole-model path
+    deleted = name in ("gemma", "gemma2", "gemma3", "phi3", "qwen3", *MOE)  # no FFN bias in the config: units deleted, as on the whole-model path
     assert any("deleted" in n for n in notes) == deleted and all(not any(sp.replacement.values) for sp in report.plan.sites) == deleted
     stock = T.AutoModelForCausalLM.from_pretrained(f"{tmp_path}/e", local_files_only=True, experts_implementation="eager").eval()
     assert type(stock).__name__ == report.written_as
@@ -160,7 +173,7 @@ def test_original_calibration_equals_the_whole_model_path_bit_for_bit(root, name
     assert set(written) - set(expected) <= {"plan"}  # nothing the whole-model path would not write
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gpt2", "opt", "xlm-roberta"])  # windowed masks; learned positions; positions from the mask; from the ids
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "gpt2", "opt", "xlm-roberta"])  # windowed masks; learned positions; positions from the mask; from the ids
 def test_padding_is_excluded_everywhere(root, name):
     src = _model(root, name)
     a, b = api.score(src, root / "pad8.safetensors", kinds=["neuron", "head"]), api.score(src, root / "pad10.safetensors", kinds=["neuron", "head"])

@@ -131,6 +131,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen3", ("qwen3",), mlp_bias=None),
     Family("Gemma", ("gemma",), mlp_bias=None),
     Family("Gemma-2", ("gemma2",), mlp_bias=None, stack=Stack(ffn_last=False)),  # post-FFN norm
+    Family("Gemma-3 (text)", ("gemma3_text",), mlp_bias=None, stack=Stack(ffn_last=False)),
     Family(
         "Phi-3", ("phi3",), mlp_bias=None, attention_bias=None,
         layers={

@@ -1,8 +1,8 @@
 """The block engine: score and compile language models block by block in bounded memory.
 
 A Hugging Face decoder or encoder whose stack the family table describes
-(:class:`cmrtool.backends.families.Stack`: LLaMA, Mistral, Qwen2/3, Gemma, Gemma-2, Phi-3, GPT-2,
-GPT-NeoX, OPT, Falcon, Mixtral, Qwen2/3-MoE; BERT, RoBERTa, XLM-RoBERTa, ELECTRA) is processed as
+(:class:`cmrtool.backends.families.Stack`: LLaMA, Mistral, Qwen2/3, Gemma, Gemma-2, Gemma-3, Phi-3,
+GPT-2, GPT-NeoX, OPT, Falcon, Mixtral, Qwen2/3-MoE; BERT, RoBERTa, XLM-RoBERTa, ELECTRA) is processed as
 embeddings, each layer, and the final norm + head (:mod:`cmrtool.engine.blocks`, run inside the
 stack's own forward: :mod:`cmrtool.engine.surgery`); weights are read lazily
 (:mod:`cmrtool.engine.weights`) and converted from the stored format as transformers does

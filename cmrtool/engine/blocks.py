@@ -3,7 +3,7 @@ stack, and the final norm + head (DESIGN §8).
 
 Where a family keeps its layers, token table and final modules is one entry of the family table
 (:class:`cmrtool.backends.families.Stack`): ``model.layers`` (LLaMA, Mistral, Qwen2/3, Gemma,
-Gemma-2, Phi-3, Mixtral, Qwen-MoE), ``gpt_neox.layers``, ``transformer.h`` (GPT-2, Falcon),
+Gemma-2, Gemma-3, Phi-3, Mixtral, Qwen-MoE), ``gpt_neox.layers``, ``transformer.h`` (GPT-2, Falcon),
 ``model.decoder.layers`` (OPT), ``bert.encoder.layer`` (BERT, RoBERTa).
 
 The whole model is built once on the meta device (shapes only, no memory). A layer block is
