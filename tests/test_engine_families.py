@@ -35,7 +35,7 @@ from cmrtool.reduce import plan_reduction  # noqa: E402
 from cmrtool.scoring import score_model, select_sites  # noqa: E402
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
-ENGINE = ["gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "qwen3", *MOE]
+ENGINE = ["gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt", "opt350", "falcon", "qwen3", *MOE]
 T = transformers
 
 
@@ -63,6 +63,9 @@ EXTRA = {  # decoders the whole-model family table test does not build
     "gemma3": lambda: T.Gemma3TextConfig(vocab_size=40, hidden_size=16, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, head_dim=4, max_position_embeddings=32, initializer_range=0.3,
                                          sliding_window=5, layer_types=["sliding_attention", "full_attention"]),
+    # OPT-350m's layout: embeddings narrower than the layers (project_in / project_out), norms after the residual
+    "opt350": lambda: T.OPTConfig(vocab_size=40, hidden_size=16, num_attention_heads=4, ffn_dim=96, word_embed_proj_dim=8, init_std=0.3,
+                                  num_hidden_layers=2, max_position_embeddings=32, do_layer_norm_before=False),
 }
 
 
@@ -173,7 +176,7 @@ def test_original_calibration_equals_the_whole_model_path_bit_for_bit(root, name
     assert set(written) - set(expected) <= {"plan"}  # nothing the whole-model path would not write
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3", "gpt2", "opt", "xlm-roberta"])  # windowed masks; learned positions; positions from the mask; from the ids
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "gpt2", "opt", "mixtral", "xlm-roberta"])  # windowed masks; learned positions; positions from the mask; from the ids
 def test_padding_is_excluded_everywhere(root, name):
     src = _model(root, name)
     a, b = api.score(src, root / "pad8.safetensors", kinds=["neuron", "head"]), api.score(src, root / "pad10.safetensors", kinds=["neuron", "head"])
