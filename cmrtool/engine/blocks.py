@@ -80,12 +80,21 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _feed(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forward pre-hook of the layer a block runs: its input is the buffered hidden states."""
+    h = module.__dict__["cmrtool_input"]
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
 class _LayerRoot(nn.Module):
     """``(hidden_states, attention_mask) → layer output``, the layer at its full path.
 
     ``runner`` (the stack's module, cut down to this layer) is called with a placeholder
     ``inputs_embeds`` of the token table's width; the layer's input is replaced by
-    ``hidden_states`` in a forward pre-hook (:meth:`_feed`)."""
+    ``hidden_states`` in a forward pre-hook (:func:`_feed`; the hook holds no reference to the
+    root, so a block is freed by reference counting as soon as the loop drops it)."""
 
     def __init__(self, runner: nn.Module, path: str, layer: nn.Module, width: int) -> None:
         super().__init__()
@@ -100,24 +109,19 @@ class _LayerRoot(nn.Module):
         else:
             self._modules = runner._modules
         object.__setattr__(self, "_runner", runner)  # not registered again: named once, under path
+        object.__setattr__(self, "_layer", layer)
         self._width = width
-        self._h: torch.Tensor | None = None
-        layer.register_forward_pre_hook(self._feed, with_kwargs=True)
-
-    def _feed(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        if args:
-            return (self._h, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": self._h}
+        layer.register_forward_pre_hook(_feed, with_kwargs=True)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = hidden_states
         if x.shape[-1] != self._width:  # OPT's project_in: the stack's input is narrower
             x = x.new_zeros(*x.shape[:-1], self._width)
-        self._h = hidden_states
+        self._layer.__dict__["cmrtool_input"] = hidden_states
         try:
             out = self._runner(inputs_embeds=x, attention_mask=attention_mask, use_cache=False)
         finally:
-            self._h = None
+            del self._layer.__dict__["cmrtool_input"]
         return out[0]
 
 
