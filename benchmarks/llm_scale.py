@@ -27,7 +27,11 @@ torch: with ``vfork`` the kernel would charge the parent's peak RSS to each chil
 Sizes (real shapes): 135m — 30 layers, hidden 576, FFN 1536, 9/3 heads, vocab 49152, tied
 embeddings; 1.2b — the Llama-3.2-1B shape; 8b — the Llama-3-8B shape (16 GB in bf16). Calibration:
 128 sequences × 128 tokens (16,384 tokens, the set of the measurements that motivated the engine)
-for 135m and 1.2b; 16 × 128 (2,048 tokens) for 8b, to keep its run near 30 minutes here.
+for 135m and 1.2b; 16 × 128 (2,048 tokens) for 8b, to keep its run near 30 minutes here;
+gemma-2b-6l — the Gemma-2B shape with 6 of its 18 layers (2.4 GB in bf16; 16 × 128 tokens), a
+non-LLaMA family through the same engine (``--sizes gemma-2b-6l``); qwen2-moe-2l — the
+Qwen1.5-MoE-A2.7B shape with 2 of its 24 layers (60 experts per layer, stored per expert; 2.9 GB;
+16 × 128 tokens).
 ``--tokens NxT`` overrides it for every size (compile's per-run and per-layer costs — start-up,
 hashing, writing, the float64 fold check on 64 tokens per layer — do not shrink with the
 calibration set, so the time ratio is larger at fewer tokens).
@@ -53,6 +57,19 @@ SHAPES = {
                  vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192, tokens=(128, 128)),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192, tokens=(16, 128)),
+    # Another family through the engine: the Gemma-2B shape (multi-query attention, head_dim 256,
+    # GeGLU FFN 16384, vocabulary 256000, embeddings scaled by sqrt(hidden)) cut to 6 of its 18
+    # layers, so the bf16 checkpoint stays near 2.4 GB.
+    "gemma-2b-6l": dict(family="Gemma", hidden_size=2048, intermediate_size=16384, num_hidden_layers=6, num_attention_heads=8,
+                        num_key_value_heads=1, head_dim=256, vocab_size=256000, tie_word_embeddings=True, rope_theta=10000.0,
+                        max_position_embeddings=8192, tokens=(16, 128)),
+    # Experts through the engine: the Qwen1.5-MoE-A2.7B shape (60 experts of width 1408 per layer,
+    # 4 routed per token, a shared expert of width 5632) cut to 2 of its 24 layers, embeddings tied
+    # (2.9 GB in bf16); the experts are stored one tensor per expert, as save_pretrained writes them.
+    "qwen2-moe-2l": dict(family="Qwen2Moe", hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+                         shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=151936, tie_word_embeddings=True,
+                         rope_theta=1000000.0, max_position_embeddings=8192, tokens=(16, 128)),
 }
 
 
@@ -66,16 +83,26 @@ def _make(size: str, directory: Path) -> None:
 
     shape = dict(SHAPES[size])
     shape.pop("tokens")
-    config = transformers.LlamaConfig(**shape, dtype="bfloat16")
+    family = shape.pop("family", "Llama")
+    config = getattr(transformers, f"{family}Config")(**shape, dtype="bfloat16")
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
+        model = getattr(transformers, f"{family}ForCausalLM")(config)
     directory.mkdir(parents=True, exist_ok=True)
     scratch = directory / ".parts"
     scratch.mkdir(exist_ok=True)
     writer = StreamWriter(scratch, shard_bytes=2 << 30, reserve=1 << 16)
     g = torch.Generator().manual_seed(0)
+    from cmrtool.engine.convert import Conversions
+
+    stored = Conversions(model)
     for name, p in model.state_dict().items():
         if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if p.dim() == 3:  # a bank of experts: stored one tensor per expert, as save_pretrained writes it
+            bank = (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
+            for k, v in stored.to_checkpoint({name: bank}).items():
+                writer.add(k, v)
+            del bank
             continue
         rows = p.shape[0]
         step = max(1, (32 << 20) // max(1, p[0].numel() if p.dim() > 1 else 1))
@@ -92,7 +119,7 @@ def _make(size: str, directory: Path) -> None:
         writer.add_raw(name, torch.bfloat16, tuple(p.shape), pieces(), p.numel() * 2)
     writer.finish(directory, None, {"format": "pt"})
     shutil.rmtree(scratch)
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [f"{family}ForCausalLM"]
     config.save_pretrained(str(directory))
 
 
@@ -143,8 +170,28 @@ def _load(directory: Path, intermediate: int) -> None:
 
     try:
         import accelerate  # noqa: F401  (from_pretrained's disk offloading)
-    except ImportError:
-        print(json.dumps({"ok": None, "shapes": None, "skipped": "the load check needs accelerate: pip install accelerate"}))
+    except ImportError:  # no disk offloading: the config and the safetensors headers instead
+        from safetensors import safe_open
+
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        with torch.device("meta"):
+            want_model = transformers.AutoModelForCausalLM.from_config(config)  # the shapes stock loading expects
+        want_shapes = {k: tuple(v.shape) for k, v in want_model.state_dict().items()}
+        got_shapes = {}
+        for f in sorted(directory.glob("*.safetensors")):
+            if f.name.startswith("cmrtool_"):
+                continue
+            with safe_open(str(f), "pt") as sf:
+                got_shapes.update({k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()})
+        from cmrtool.engine.convert import Conversions
+
+        conv = Conversions(want_model)  # an expert's stored tensor is one slice of a merged one
+        field = "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
+        ok = all(want_shapes.get(k) == v for k, v in got_shapes.items() if not conv.merged(k)) and getattr(config, field) == intermediate
+        ffn = [k for k in got_shapes if k.startswith("model.layers.0.mlp.") and k.endswith(("gate_proj.weight", "down_proj.weight"))]
+        got = (*(got_shapes[k] for k in sorted(ffn)[:2]), getattr(config, field))
+        ok = ok and all(intermediate in shape for shape in got[:2])
+        print(json.dumps({"ok": ok, "shapes": got, "checked": "config + safetensors headers (accelerate missing)"}))
         return
     with tempfile.TemporaryDirectory() as offload:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -199,15 +246,23 @@ def run_size(size: str, work: Path, threads: int, keep_files: bool, replacement:
         cmd += ["--replacement", replacement]
     wall, rss, doc_text, err = _run_measured(cmd)
     doc = json.loads(doc_text)
-    _, _, load_out, _ = _run_measured([*me, "_load", str(out), str(shape["intermediate_size"] // 2)])
+    experts = shape.get("num_experts", 0)
+    width = shape["moe_intermediate_size"] if experts else shape["intermediate_size"]
+    _, _, load_out, _ = _run_measured([*me, "_load", str(out), str(width // 2)])
     load = json.loads(load_out.strip().splitlines()[-1])
     h, f = shape["hidden_size"], shape["intermediate_size"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    layer_fp32 = 4 * (2 * h * h + 2 * h * kv + 3 * h * f + 2 * h)
+    hd = shape.get("head_dim", h // shape["num_attention_heads"])
+    q, kv = hd * shape["num_attention_heads"], hd * shape["num_key_value_heads"]
+    ffn = 3 * h * (experts * width + shape["shared_expert_intermediate_size"]) + h * experts if experts else 3 * h * f
+    layer_fp32 = 4 * (2 * h * q + 2 * h * kv + ffn + 2 * h)
     buffers = doc["engine"]["buffer_bytes"]
+    # The float64 co-moment (Gram) matrices the default criterion accumulates: the widest FFN's,
+    # or with experts every expert's of one layer plus the shared expert's.
+    gram = 8 * (experts * width * width + shape["shared_expert_intermediate_size"] ** 2) if experts else 8 * f * f
     row = {
         "size": size, "tokens": n * t, "sequences": n, "seq_len": t, "peak_rss_gb": rss / 2**30,
         "rss_over_block_plus_buffer": rss / (layer_fp32 + buffers), "largest_layer_fp32_gb": layer_fp32 / 2**30,
+        "gram_gb": gram / 2**30, "rss_over_block_buffer_gram": rss / (layer_fp32 + buffers + gram),
         "buffer_gb": buffers / 2**30, "wall_s": wall, "plain_forward_s": plain, "plain_forward_process_s": plain_wall,
         "plain_forward_peak_rss_gb": plain_rss / 2**30, "time_ratio": wall / plain, "fold_error": doc["fold_error"],
         "fold_error_relative": doc["fold_error_relative"], "dtype": doc["dtype"], "params_before": doc["params_before"],
@@ -252,6 +307,8 @@ def main() -> None:
         r = run_size(size.strip(), work, a.threads, a.keep_files, a.replacement, token_shape)  # type: ignore[arg-type]
         print(f"{r['size']:<6} {r['tokens']:>6}  {r['peak_rss_gb']:6.2f} GB  {r['rss_over_block_plus_buffer']:8.2f}           "
               f"{r['wall_s']:7.1f} s  {r['time_ratio']:8.2f}      {r['fold_error_relative']:.2e}         {r['from_pretrained_ok']}", flush=True)
+        print(f"       layer fp32 {r['largest_layer_fp32_gb']:.2f} GB + buffers {r['buffer_gb']:.2f} GB + FFN Gram (float64) "
+              f"{r['gram_gb']:.2f} GB: peak RSS ÷ that sum {r['rss_over_block_buffer_gram']:.2f}", flush=True)
         print(f"       replacement {r['replacement']}: plan JSON {r['plan_json_bytes'] / 2**20:.2f} MB, plan tensors "
               f"{r['plan_tensors_bytes'] / 2**20:.1f} MB, output directory {r['output_bytes'] / 2**20:.0f} MB", flush=True)
         phases = dict(r["phases"] or {})

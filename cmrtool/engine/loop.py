@@ -81,10 +81,9 @@ class Calibration:
 
 def calibration_inputs(stack: BlockStack, path: str | Path, limit: int | None = None) -> Calibration:
     """Read the calibration file for ``stack``'s model (``input_ids``, optional ``attention_mask``)."""
-    from cmrtool.io.data import open_data
     from cmrtool.errors import InputError
 
-    data = open_data(path, stack.meta)
+    data = stack.calibration_data(path)  # by name: GPT-2's forward takes the cache before the mask
     batch = data.all(limit)
     inputs = dict(zip(data.keys, batch.inputs))
     if "input" in inputs:
@@ -129,8 +128,9 @@ def _block_report(scores: ScoreReport | None, names: set[str]) -> ScoreReport | 
 
 def _fast_sites(stack: BlockStack, chosen: Sequence[Site], sequential: bool) -> list[Site]:
     """Sites whose reduction the sequential pass can apply to the recorded output (decoder FFNs
-    whose consumer adds into the residual stream last); empty when the layer must re-run."""
-    if not sequential or stack.kind != "decoder" or any(s.kind != "neuron" for s in chosen):
+    whose consumer adds into the residual stream last: ``stack.ffn_last``); empty when the layer
+    must re-run."""
+    if not sequential or not stack.ffn_last or any(s.kind != "neuron" for s in chosen):
         return []
     return list(chosen)
 

@@ -112,18 +112,20 @@ def compile_dir(
         reserve = 4096 + 256 * (len(source) + len(chosen)) + 32 * sum(s.width for s in chosen)
         writer = StreamWriter(work, shard_bytes=2 << 30 if kind == "dir" else 1 << 62, reserve=reserve)
 
-        def write(name: str, t: torch.Tensor) -> None:
-            if not distributed.is_writer():
-                return
+        def put(name: str, t: torch.Tensor) -> None:
             if kind == "dir" and name not in source and not bool(t.any()):
                 return  # a zero bias made by folding zeros: the config decides whether it exists
-            writer.add(name, t)
+            for k, v in (stack.conversions.to_checkpoint({name: t}) if kind == "dir" else {name: t}).items():
+                writer.add(k, v)  # a directory in the stored format (experts one by one), as save_pretrained writes
+
+        write = _stock_writer(stack, put)
 
         copied = time.perf_counter()
         for name in stack.weights.names():  # embeddings, final norm, head: unchanged, copied in chunks
-            if name not in layer_names and name in source and distributed.is_writer():
+            model_name = stack.model_name(name)  # a directory keeps the checkpoint's names, a file the model's
+            if name not in layer_names and model_name in source and distributed.is_writer():
                 info = stack.weights.info(name)
-                writer.add_raw(name, info.dtype, info.shape, stack.weights.chunks(name), stack.weights.nbytes(name))
+                writer.add_raw(name if kind == "dir" else model_name, info.dtype, info.shape, stack.weights.chunks(name), stack.weights.nbytes(name))
         if cal is None:
             run = _fold_only(stack, chosen, report, plan_args, write)
         else:
@@ -176,6 +178,31 @@ def compile_dir(
     )
 
 
+def _stock_writer(stack: BlockStack, put: Callable[[str, torch.Tensor], None]) -> Callable[[str, torch.Tensor], None]:
+    """``write(name, tensor)`` for canonical tensors (:mod:`cmrtool.backends.module.layouts`) that calls
+    ``put`` with stock ones: a viewed tensor's pieces are held until all of them are written, then
+    joined (GPT-2's transposed ``Conv1D``, fused projections, experts); an expert's new bias can
+    only be zero (dropped)."""
+    from cmrtool.backends.module.layouts import join_views
+
+    owner = {n: v for v in stack.meta.views for n in v.names()}
+    pending: dict[str, torch.Tensor] = {}
+
+    def write(name: str, t: torch.Tensor) -> None:
+        if not distributed.is_writer():
+            return
+        view = owner.get(name)
+        if view is None:
+            for k, v in join_views({name: t}, []).items():  # refuses a nonzero bias no stock tensor holds
+                put(k, v)
+            return
+        pending[name] = t
+        if all(n in pending for n in view.names()):
+            put(view.source, view.join({n: pending.pop(n) for n in view.names()}))
+
+    return write
+
+
 def _fold_only(stack: BlockStack, chosen: Sequence[Site], report: ScoreReport | None, plan_args: dict[str, Any], write: Callable[[str, torch.Tensor], None]) -> BlockRun:
     """Compile from scores without calibration data: plan and fold each layer, no forward."""
     from cmrtool.backends.module.hfout import zero_replacements
@@ -212,13 +239,15 @@ def _finish_dir(stack: BlockStack, plan: Plan, writer: StreamWriter, stage: Path
     from cmrtool.io.planstore import write_dir_plan
 
     config, want, tied = check_dir_output(stack.meta, plan)
+    written = {stack.model_name(k) for k in writer.shapes}
     for k, shape in want.items():
-        if k not in writer.shapes and k not in tied and k.endswith(".bias"):  # made by mlp_bias / attention_bias: zero is exact
+        if k not in written and k not in tied and k.endswith(".bias"):  # made by mlp_bias / attention_bias: zero is exact
             writer.add(k, torch.zeros(shape, dtype=stack.checkpoint_dtype))
-    for k, shape in writer.shapes.items():
+    for name, shape in writer.shapes.items():
+        k = stack.model_name(name)
         if k not in want:
             raise UsageError(f"{type(config).__name__} cannot hold {k} (a bias the folded constants need)", f"use --replacement zero to fold nothing, {_OUTPUTS}")
-        if tuple(shape) != tuple(want[k]):
+        if tuple(shape) != tuple(want[k]) and not stack.conversions.merged(name):  # one expert's part of a merged tensor
             raise UsageError(f"config.json cannot express the reduced {k}: shape {tuple(shape)}, the config gives {want[k]}", f"keep those units {_OUTPUTS}")
     config.save_pretrained(str(stage))
     text = write_dir_plan(stage, plan)

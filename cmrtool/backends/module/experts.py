@@ -8,6 +8,9 @@ runs the module with the stock eager loop written out here, calling a hook on ``
 down projection ``y = Σ_e w_e(x) · a_e D_eᵀ`` (w_e the router's weight). Every expert is visited,
 also one that no token chose (its value then has zero rows), so statistics see each expert.
 
+Each tapped run leaves the rows of every expert's value, as indices into the flattened tokens, in
+``module.cmrtool_routed[e]``, so a caller can drop the rows of padding tokens (the block engine).
+
 The stock forward itself is never changed; compile's fold check compares the stock forward of the
 reduced model with this loop's clamped original, so a difference would be caught.
 """
@@ -28,11 +31,15 @@ Hook = Callable[[Any, tuple[Any, ...]], Any]
 def tap_experts(module: nn.Module, hooks: Mapping[int, Hook]) -> Callable[[], None]:
     """Run ``module`` (a fused experts bank) with ``hooks[e]`` on expert e's value; returns the undo."""
 
+    routed: dict[int, torch.Tensor] = {}
+    module.cmrtool_routed = routed
+
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         gate_up, down = module.gate_up_proj, module.down_proj
         for e in range(gate_up.shape[0]):
             token, pos = torch.where(top_k_index == e)
+            routed[e] = token
             x = hidden_states[token]
             gate, up = nn.functional.linear(x, gate_up[e]).chunk(2, dim=-1)
             a = module.act_fn(gate) * up

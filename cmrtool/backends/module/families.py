@@ -17,6 +17,9 @@ Per family (keyed by the config's ``model_type``):
   always has one, ``None`` when the config cannot give it one;
 - **heads in config**: whether config.json can express removed heads (a ``head_dim`` field;
   families that derive it as ``hidden_size / num_heads`` cannot);
+- **stack** (:class:`Stack`): where the block engine (:mod:`cmrtool.engine.blocks`) finds the
+  layer list, the token table and the modules after the layers, and whether the sequential fast
+  path applies (``None``: the family goes through the whole-model path);
 - **written as**: the class-name prefix of an exactly equivalent family whose config *can* hold the biases (Mistral and
   Qwen2 as LLaMA with ``mlp_bias`` / ``attention_bias``), used when the plan folds constants the
   family itself cannot hold; otherwise those sites fall back to ``zero`` replacement
@@ -29,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Layer", "Family", "FAMILIES", "ALWAYS", "family_of", "layer_of", "width_field"]
+__all__ = ["Layer", "Stack", "Family", "FAMILIES", "ALWAYS", "family_of", "layer_of", "stack_of", "width_field"]
 
 ALWAYS = "always"
 
@@ -63,6 +66,38 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class Stack:
+    """How a family's stack of layers runs, for the block engine (paths are module attributes).
+
+    Attributes:
+        layers: the layer list, below the runner (``layers``, ``h``, ``encoder.layer``).
+        tokens: the token embedding table, below the runner (read only at the calibration ids).
+        after: modules the runner applies after the layers (final norm, OPT's ``project_out``,
+            an encoder's pooler): the identity while one block runs.
+        runner: the module whose ``forward`` runs the layers, below the base model (OPT: ``decoder``).
+        encoder: bidirectional (an encoder's layer ends with a LayerNorm after its FFN).
+        ffn_last: a layer's FFN output is added to the residual stream last, so the sequential
+            pass can add a reduced FFN's change to the recorded output instead of re-running the
+            layer (False with a norm after the FFN, Gemma-2's; or experts, whose values are per
+            routed token); a callable decides from the config.
+        tuple_out: a layer returns a tuple whose first item is the hidden states (Falcon).
+    """
+
+    layers: str = "layers"
+    tokens: str = "embed_tokens"
+    after: tuple[str, ...] = ("norm",)
+    runner: str = ""
+    encoder: bool = False
+    ffn_last: bool | Callable[[Any], bool] = True
+    tuple_out: bool = False
+
+
+_DECODER = Stack()
+_MOE = Stack(ffn_last=False)  # an expert's values are per routed token; Qwen2-MoE gates its shared expert
+_ENCODER = Stack("encoder.layer", "embeddings.word_embeddings", ("pooler",), encoder=True, ffn_last=False)
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family (see the module docstring)."""
 
@@ -75,6 +110,7 @@ class Family:
     heads_in_config: bool = True
     written_as: str | None = None
     same_as: Callable[[Any], bool] | None = None  # the config meets the written-as family's assumptions
+    stack: Stack | None = _DECODER
 
 
 def _no_sliding_window(config: Any) -> bool:
@@ -94,7 +130,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("Qwen2", ("qwen2",), mlp_bias=None, attention_bias=None, written_as="Llama", same_as=_no_sliding_window),
     Family("Qwen3", ("qwen3",), mlp_bias=None),
     Family("Gemma", ("gemma",), mlp_bias=None),
-    Family("Gemma-2", ("gemma2",), mlp_bias=None),
+    Family("Gemma-2", ("gemma2",), mlp_bias=None, stack=Stack(ffn_last=False)),  # post-FFN norm
+    Family("Gemma-3 (text)", ("gemma3_text",), mlp_bias=None, stack=Stack(ffn_last=False)),
     Family(
         "Phi-3", ("phi3",), mlp_bias=None, attention_bias=None,
         layers={
@@ -104,6 +141,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "GPT-2", ("gpt2",), widths=(("", "n_inner"),), mlp_bias=ALWAYS, attention_bias=ALWAYS, heads_in_config=False,
+        stack=Stack("h", "wte", ("ln_f",)),
         layers={
             "GPT2MLP": Layer("neuron", "c_fc", "c_proj", act="act", transposed=True),
             "GPT2Attention": Layer("head", "c_attn", "c_proj", transposed=True, fused=("q", "k", "v")),
@@ -111,21 +149,25 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "GPT-NeoX / Pythia", ("gpt_neox",), mlp_bias=ALWAYS, attention_bias=ALWAYS, heads_in_config=False,
+        stack=Stack("layers", "embed_in", ("final_layer_norm",)),
         layers={"GPTNeoXMLP": _NEOX_MLP, "GPTNeoXAttention": Layer("head", "query_key_value", "dense", per_head=True)},
     ),
-    Family("OPT", ("opt",), widths=(("", "ffn_dim"),), mlp_bias="enable_bias", attention_bias="enable_bias", heads_in_config=False),
-    Family("Falcon", ("falcon",), widths=(("", "ffn_hidden_size"),), mlp_bias="bias", attention_bias="bias", layers={"FalconMLP": _NEOX_MLP}),
-    Family("Mixtral", ("mixtral",), mlp_bias=None, attention_bias=None, layers={"MixtralExperts": _EXPERTS}),
+    Family("OPT", ("opt",), widths=(("", "ffn_dim"),), mlp_bias="enable_bias", attention_bias="enable_bias", heads_in_config=False,
+           stack=Stack("layers", "embed_tokens", ("final_layer_norm", "project_out"), runner="decoder",
+                       ffn_last=lambda c: bool(getattr(c, "do_layer_norm_before", True)))),  # OPT-350m: norm after the residual
+    Family("Falcon", ("falcon",), widths=(("", "ffn_hidden_size"),), mlp_bias="bias", attention_bias="bias", layers={"FalconMLP": _NEOX_MLP},
+           stack=Stack("h", "word_embeddings", ("ln_f",), tuple_out=True)),
+    Family("Mixtral", ("mixtral",), mlp_bias=None, attention_bias=None, layers={"MixtralExperts": _EXPERTS}, stack=_MOE),
     Family(
-        "Qwen2-MoE", ("qwen2_moe",), mlp_bias=None, attention_bias=None, layers={"Qwen2MoeExperts": _EXPERTS},
+        "Qwen2-MoE", ("qwen2_moe",), mlp_bias=None, attention_bias=None, layers={"Qwen2MoeExperts": _EXPERTS}, stack=_MOE,
         widths=(("experts", "moe_intermediate_size"), ("shared_expert", "shared_expert_intermediate_size"), ("", "intermediate_size")),
     ),
     Family(
-        "Qwen3-MoE", ("qwen3_moe",), mlp_bias=None, layers={"Qwen3MoeExperts": _EXPERTS},
+        "Qwen3-MoE", ("qwen3_moe",), mlp_bias=None, layers={"Qwen3MoeExperts": _EXPERTS}, stack=_MOE,
         widths=(("experts", "moe_intermediate_size"), ("", "intermediate_size")),
     ),
-    Family("BERT / RoBERTa", ("bert", "roberta"), mlp_bias=ALWAYS, attention_bias=ALWAYS, heads_in_config=False),
-    Family("ViT", ("vit",), mlp_bias=ALWAYS, attention_bias=ALWAYS, heads_in_config=False),
+    Family("BERT / RoBERTa / ELECTRA", ("bert", "roberta", "xlm-roberta", "electra"), mlp_bias=ALWAYS, attention_bias=ALWAYS, heads_in_config=False, stack=_ENCODER),
+    Family("ViT", ("vit",), mlp_bias=ALWAYS, attention_bias=ALWAYS, heads_in_config=False, stack=None),
 )
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -135,6 +177,12 @@ _LAYERS = {cls: layer for f in FAMILIES for cls, layer in f.layers.items()}
 def family_of(config: Any) -> Family | None:
     """The family of a Hugging Face config (None for model types the table does not list)."""
     return _BY_TYPE.get(getattr(config, "model_type", None) or "")
+
+
+def stack_of(model_type: str | None) -> Stack | None:
+    """The block engine's description of a model type's stack (None: whole-model path only)."""
+    family = _BY_TYPE.get(model_type or "")
+    return family.stack if family is not None else None
 
 
 def layer_of(module: Any) -> Layer | None:
