@@ -200,3 +200,25 @@ def test_verify_interchanges_per_sample_sites_and_clamps_experts(root, tmp_path)
     assert v.fold_error_relative <= 1e-10
     assert [s.name for s in v.sites] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     assert "8 expert site(s)" in v.notes[0] and len(both.plan.sites) == 10
+
+
+def test_gpt2s_attention_mask_reaches_the_whole_model_path(tmp_path):
+    """GPT-2's forward takes its mask after the KV cache arguments: the whole-model path (verify,
+    bench, ONNX) binds it by name instead of dropping it, so padding is excluded there too."""
+    from cmrtool.io.data import Dataset
+
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(CONFIGS["gpt2"]()).double().eval().save_pretrained(str(tmp_path / "g"))
+    model = load_model(tmp_path / "g")
+    assert model.arg_names[:2] == ["input_ids", "attention_mask"] and model.by_name
+    ids = torch.randint(1, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[:, :3] = 0  # left padding: without the mask the kept positions would attend to it
+    save_file({"input_ids": ids, "attention_mask": mask}, str(tmp_path / "d.safetensors"))
+    ds = Dataset(tmp_path / "d.safetensors", model.arg_names, model.required_args, model.dtype)
+    assert ds.keys == ["input_ids", "attention_mask"]
+    with torch.no_grad():
+        got = model.forward([ids, mask])
+        want = model.module(input_ids=ids, attention_mask=mask).logits
+        unmasked = model.module(input_ids=ids).logits
+    assert torch.equal(got, want) and not torch.allclose(got[:, 3:], unmasked[:, 3:])

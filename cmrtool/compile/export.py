@@ -58,10 +58,14 @@ class _Logits(nn.Module):
         super().__init__()
         self.inner = model.module
         self.kwargs = dict(getattr(model, "call_kwargs", {}))
+        # A model whose inputs are not its first arguments (GPT-2's mask) is called by name.
+        self.names = list(model.arg_names) if getattr(model, "by_name", False) else None
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         from cmrtool.backends.module.model import output_tensor
 
+        if self.names:
+            return output_tensor(self.inner(**dict(zip(self.names, args)), **self.kwargs))
         return output_tensor(self.inner(*args, **self.kwargs))
 
 

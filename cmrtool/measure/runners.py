@@ -132,7 +132,8 @@ def make_runners(loaded: Sequence[BenchModel], inputs: list[torch.Tensor], targe
                         f"{e.path} takes {len(args)} inputs ({', '.join(args)}), the benchmark has {len(inputs)}",
                         "bench models with the same forward signature (an original and its reductions)",
                     )
-                runners.append(torch_runner(e.model.fresh_module(), inputs, target))
+                names = args if getattr(e.model, "by_name", False) else None
+                runners.append(torch_runner(e.model.fresh_module(), inputs, target, names))
         except CmrError:
             raise
         except Exception as err:  # torch and onnxruntime raise their own types
@@ -151,8 +152,9 @@ def _cast(t: torch.Tensor, target: Target) -> torch.Tensor:
     return t.to(device=target.device, dtype=dtype)
 
 
-def torch_runner(module: Any, inputs: Sequence[torch.Tensor], target: Target) -> Callable[[], Any]:
-    """A no-argument forward call of ``module`` (converted to the target) on the converted inputs.
+def torch_runner(module: Any, inputs: Sequence[torch.Tensor], target: Target, names: Sequence[str] | None = None) -> Callable[[], Any]:
+    """A no-argument forward call of ``module`` (converted to the target) on the converted inputs
+    (passed by these ``names`` when given: a model whose inputs are not its first arguments).
 
     Raises RuntimeError (from torch) when the module rejects the inputs or the precision.
     """
@@ -161,7 +163,7 @@ def torch_runner(module: Any, inputs: Sequence[torch.Tensor], target: Target) ->
 
     def run() -> Any:
         with torch.no_grad():
-            return module(*args)
+            return module(**dict(zip(names, args))) if names else module(*args)
 
     run()  # fail here, not inside the timing loop
     target.sync()

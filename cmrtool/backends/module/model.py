@@ -42,7 +42,7 @@ __all__ = ["ModuleModel", "HookDownstream"]
 
 # Forward arguments that are not model inputs from a data file (HF signatures list them all).
 _NOT_INPUTS = frozenset(
-    {"labels", "past_key_values", "inputs_embeds", "use_cache", "output_attentions", "output_hidden_states",
+    {"labels", "past_key_values", "cache", "inputs_embeds", "use_cache", "output_attentions", "output_hidden_states",
      "return_dict", "cache_position", "logits_to_keep", "head_mask", "kwargs"}
 )
 
@@ -74,7 +74,7 @@ class ModuleModel:
         self.path, self.sha256, self.arch, self.plan, self.hf_config, self.format = str(path), sha256, arch, plan, hf_config, fmt
         self._params = dict(module.named_parameters())
         self.dtype = next((p.dtype for p in self._params.values() if p.is_floating_point()), torch.float32)
-        self.arg_names, self.required_args, self.call_kwargs = _signature(module)
+        self.arg_names, self.required_args, self.call_kwargs, self.by_name = _signature(module)
         self._rank = {name: i for i, (name, _) in enumerate(module.named_modules())}
         self.sites: list[Site] = []
         self.rejected: list[Rejection] = []
@@ -172,7 +172,12 @@ class ModuleModel:
     # -- running --------------------------------------------------------------------------------
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The model's logits (or first output tensor) for a batch."""
-        return output_tensor(self.module(*inputs, **self.call_kwargs))
+        return output_tensor(self._call(inputs))
+
+    def _call(self, inputs: Sequence[torch.Tensor]) -> Any:
+        if self.by_name:
+            return self.module(**dict(zip(self.arg_names, inputs)), **self.call_kwargs)
+        return self.module(*inputs, **self.call_kwargs)
 
     def run(
         self,
@@ -208,7 +213,7 @@ class ModuleModel:
             for mod, hooks in experts.items():
                 undo.append(tap_experts(self.module.get_submodule(mod), hooks))
             if submodule is None:
-                out = self.module(*inputs, **self.call_kwargs)
+                out = self._call(inputs)
             else:
                 sub = self.module.get_submodule(submodule)
                 accepted = inspect.signature(sub.forward).parameters
@@ -374,15 +379,27 @@ def _transformers_config(module: nn.Module) -> Any:
     return getattr(module, "config", None) if is_hf else None
 
 
-def _signature(module: nn.Module) -> tuple[list[str], int, dict[str, Any]]:
-    """(input argument names, how many are required, keyword arguments every call passes)."""
+def _signature(module: nn.Module) -> tuple[list[str], int, dict[str, Any], bool]:
+    """(input argument names, how many are required, keyword arguments every call passes, whether
+    the inputs must be passed by name).
+
+    Arguments that are not inputs (a KV cache, ``cache_position``, …) are skipped, not the end of
+    the inputs: GPT-2's and Falcon's ``forward(input_ids, cache, attention_mask, …)``
+    takes its attention mask after them, so such a model is called by name.
+    """
     names: list[str] = []
     required = 0
+    by_name = False
     params = inspect.signature(module.forward).parameters
     for p in params.values():
-        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name in _NOT_INPUTS:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             break
+        if p.name in _NOT_INPUTS:
+            if p.kind == p.POSITIONAL_ONLY:
+                break
+            by_name = True
+            continue
         names.append(p.name)
         required += p.default is p.empty
     kwargs = {"use_cache": False} if "use_cache" in params else {}  # no KV cache objects in outputs
-    return names, max(1, required) if names else 0, kwargs
+    return names, max(1, required) if names else 0, kwargs, by_name and len(names) > 1
