@@ -198,10 +198,16 @@ def _load(directory: Path, intermediate: int) -> None:
             str(directory), local_files_only=True, dtype=torch.bfloat16, device_map={"": "disk"}, offload_folder=offload,
         )
     mlp = model.model.layers[0].mlp
+    params = sum(p.numel() for p in model.parameters())
+    if not hasattr(mlp, "gate_proj"):  # a bank of experts: 3-D (experts, out, in) parameters, gate and up fused
+        shapes = {k: tuple(v.shape) for k, v in mlp.experts.named_parameters()}
+        ok = model.config.moe_intermediate_size == intermediate and all(
+            intermediate in shape or 2 * intermediate in shape for shape in shapes.values())
+        print(json.dumps({"ok": ok, "shapes": [*shapes.values(), model.config.moe_intermediate_size], "params": params}))
+        return
     got = (tuple(mlp.gate_proj.weight.shape), tuple(mlp.down_proj.weight.shape), model.config.intermediate_size)
     want = ((intermediate, model.config.hidden_size), (model.config.hidden_size, intermediate), intermediate)
-    print(json.dumps({"ok": got == want, "shapes": got, "dtype": str(mlp.gate_proj.weight.dtype),
-                      "params": sum(p.numel() for p in model.parameters())}))
+    print(json.dumps({"ok": got == want, "shapes": got, "dtype": str(mlp.gate_proj.weight.dtype), "params": params}))
 
 
 # -- driver (no torch) ---------------------------------------------------------------------------
@@ -256,18 +262,14 @@ def run_size(size: str, work: Path, threads: int, keep_files: bool, replacement:
     ffn = 3 * h * (experts * width + shape["shared_expert_intermediate_size"]) + h * experts if experts else 3 * h * f
     layer_fp32 = 4 * (2 * h * q + 2 * h * kv + ffn + 2 * h)
     buffers = doc["engine"]["buffer_bytes"]
-    # The float64 co-moment (Gram) matrices the default criterion accumulates: the widest FFN's,
-    # or with experts every expert's of one layer plus the shared expert's.
-    gram = 8 * (experts * width * width + shape["shared_expert_intermediate_size"] ** 2) if experts else 8 * f * f
     row = {
         "size": size, "tokens": n * t, "sequences": n, "seq_len": t, "peak_rss_gb": rss / 2**30,
         "rss_over_block_plus_buffer": rss / (layer_fp32 + buffers), "largest_layer_fp32_gb": layer_fp32 / 2**30,
-        "gram_gb": gram / 2**30, "rss_over_block_buffer_gram": rss / (layer_fp32 + buffers + gram),
         "buffer_gb": buffers / 2**30, "wall_s": wall, "plain_forward_s": plain, "plain_forward_process_s": plain_wall,
         "plain_forward_peak_rss_gb": plain_rss / 2**30, "time_ratio": wall / plain, "fold_error": doc["fold_error"],
         "fold_error_relative": doc["fold_error_relative"], "dtype": doc["dtype"], "params_before": doc["params_before"],
         "params_after": doc["params_after"], "from_pretrained_ok": load["ok"], "loaded_shapes": load["shapes"],
-        "engine_seconds": doc["engine"]["seconds"], "phases": doc["engine"].get("phases"), "replacement": doc["replacement"],
+        "engine_seconds": doc["engine"]["seconds"], "phases": doc["engine"].get("phases"), "fold_check": doc["engine"].get("fold_check"), "replacement": doc["replacement"],
         "plan_json_bytes": _bytes(out / "cmrtool_plan.json"), "plan_tensors_bytes": _bytes(out / "cmrtool_plan.safetensors"),
         "output_bytes": sum(_bytes(f) for f in out.iterdir()),
     }
@@ -307,8 +309,8 @@ def main() -> None:
         r = run_size(size.strip(), work, a.threads, a.keep_files, a.replacement, token_shape)  # type: ignore[arg-type]
         print(f"{r['size']:<6} {r['tokens']:>6}  {r['peak_rss_gb']:6.2f} GB  {r['rss_over_block_plus_buffer']:8.2f}           "
               f"{r['wall_s']:7.1f} s  {r['time_ratio']:8.2f}      {r['fold_error_relative']:.2e}         {r['from_pretrained_ok']}", flush=True)
-        print(f"       layer fp32 {r['largest_layer_fp32_gb']:.2f} GB + buffers {r['buffer_gb']:.2f} GB + FFN Gram (float64) "
-              f"{r['gram_gb']:.2f} GB: peak RSS ÷ that sum {r['rss_over_block_buffer_gram']:.2f}", flush=True)
+        print(f"       layer fp32 {r['largest_layer_fp32_gb']:.2f} GB + buffers {r['buffer_gb']:.2f} GB; "
+              f"fold check {r['fold_check']}", flush=True)
         print(f"       replacement {r['replacement']}: plan JSON {r['plan_json_bytes'] / 2**20:.2f} MB, plan tensors "
               f"{r['plan_tensors_bytes'] / 2**20:.1f} MB, output directory {r['output_bytes'] / 2**20:.0f} MB", flush=True)
         phases = dict(r["phases"] or {})
