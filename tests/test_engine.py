@@ -245,6 +245,7 @@ def test_stream_writer_shards_with_an_index(tmp_path, reserve):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--calibration", "bogus"], "unknown --calibration"),
+    (["--fold-check", "float16"], "unknown --fold-check"),
     (["--max-memory", "lots"], "invalid --max-memory"),
     (["-c", "cmr-const"], "needs the loss gradient"),
     (["--joint-refit"], "--joint-refit needs the curvature"),
